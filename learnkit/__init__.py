@@ -1,0 +1,1 @@
+"learnkit: train PyTorch models the fastai way."
