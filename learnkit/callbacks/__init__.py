@@ -1,0 +1,1 @@
+"Callbacks: the defaults the loop relies on, schedules, and the optional ones."
