@@ -1,0 +1,211 @@
+"""The data block API (fastai's names): blocks say what the inputs and targets are, `get_items` finds the
+items, a splitter divides them, a labeller names each one, and `DataBlock.dataloaders` builds the loaders."""
+import os
+import re
+from pathlib import Path
+
+from .images import IMAGE_EXTENSIONS
+from .loaders import DataLoaders, check_batch_tfms
+from .sources import ImageFiles
+from .transforms import BatchTransform, ItemTransform
+
+__all__ = ['PILImage', 'PILImageBW', 'ImageBlock', 'CategoryBlock', 'DataBlock', 'get_image_files',
+           'RandomSplitter', 'GrandparentSplitter', 'FuncSplitter', 'IndexSplitter', 'parent_label', 'RegexLabeller']
+
+
+class PILImage:
+    "Marks an image block as colour: files are decoded as 3-channel RGB (gray files are converted)."
+    mode = 'RGB'
+
+
+class PILImageBW(PILImage):
+    "Marks an image block as grayscale: files are decoded as 1-channel (colour files are converted)."
+    mode = 'L'
+
+
+class ImageBlock:
+    "Image inputs; `cls` is `PILImage` (RGB) or `PILImageBW` (grayscale)."
+    def __init__(self, cls=PILImage):
+        if not (isinstance(cls, type) and issubclass(cls, PILImage)):
+            raise TypeError(f"ImageBlock(cls={cls!r}): use PILImage (RGB) or PILImageBW (grayscale)")
+        self.cls = cls
+
+    @property
+    def mode(self): return self.cls.mode
+
+
+class CategoryBlock:
+    "Single-label class targets; the vocab is the sorted training labels unless `vocab` is given."
+    def __init__(self, vocab=None): self.vocab = None if vocab is None else list(vocab)
+
+    def encode(self, labels, train_idx, valid_idx, items):
+        "Return (vocab, training label indices, validation label indices); raise naming any unknown label."
+        vocab = self.vocab
+        if vocab is None:
+            found = {labels[i] for i in train_idx}
+            try: vocab = sorted(found)
+            except TypeError as e:
+                raise TypeError(f"labels must be sortable to make the vocab; got types "
+                                f"{sorted({type(v).__name__ for v in found})}") from e
+        index = {v: i for i, v in enumerate(vocab)}
+        for split, idx in (('training', train_idx), ('validation', valid_idx)):
+            unknown = [i for i in idx if labels[i] not in index]
+            if unknown:
+                names = sorted({repr(labels[i]) for i in unknown}, key=str)
+                where = "does not occur in the training set" if self.vocab is None else "is not in CategoryBlock(vocab=...)"
+                raise ValueError(f"{split} label {', '.join(names[:5])} (e.g. {items[unknown[0]]}, {len(unknown)} items) "
+                                 f"{where}; the vocab is {vocab}. Move or relabel those items, or pass "
+                                 f"CategoryBlock(vocab=[...]) listing every class.")
+        return vocab, [index[labels[i]] for i in train_idx], [index[labels[i]] for i in valid_idx]
+
+
+# --------------------------------------------------------------------------------------------------- getters
+def _subfolders(path):
+    return sorted(d.name for d in Path(path).iterdir() if d.is_dir()) if Path(path).is_dir() else []
+
+
+def get_image_files(path, recurse=True, folders=None):
+    """Image files under `path` (extensions matched case-insensitively, hidden folders skipped), sorted.
+    `folders` limits the search to those subfolders of `path`. Other files are ignored."""
+    path = Path(path)
+    if not path.is_dir(): raise FileNotFoundError(f"get_image_files: {path} is not a folder")
+    roots = [path] if folders is None else [path / f for f in ([folders] if isinstance(folders, str) else folders)]
+    for root in roots:
+        if not root.is_dir():
+            raise FileNotFoundError(f"get_image_files: no folder {root.name!r} in {path}; folders present: {_subfolders(path)}")
+    files = []
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith('.')) if recurse else []
+            files += [Path(dirpath, f) for f in sorted(filenames) if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+    return files
+
+
+def parent_label(o):
+    "The name of the folder holding `o`."
+    return os.path.basename(os.path.dirname(os.fspath(o)))
+
+
+class RegexLabeller:
+    "Label an item by the first group of `pat` searched in its path (or matched from the start with `match=True`)."
+    def __init__(self, pat, match=False):
+        self.pat, self._find = pat, (re.compile(pat).match if match else re.compile(pat).search)
+
+    def __call__(self, o):
+        m = self._find(os.fspath(o).replace(os.sep, '/'))
+        if m is None or not m.groups():
+            raise ValueError(f"RegexLabeller({self.pat!r}) finds no group in {o}; the pattern needs a (group) that matches every item")
+        return m.group(1)
+
+
+# ------------------------------------------------------------------------------------------------- splitters
+def _grandparent(o): return os.path.basename(os.path.dirname(os.path.dirname(os.fspath(o))))
+
+
+def _names(x): return {x} if isinstance(x, str) else set(x)
+
+
+class RandomSplitter:
+    "Put a random `valid_pct` of the items in the validation set; `seed` makes the split reproducible."
+    def __init__(self, valid_pct=0.2, seed=None):
+        if not 0 < valid_pct < 1: raise ValueError(f"RandomSplitter(valid_pct={valid_pct}): use 0 < valid_pct < 1")
+        self.valid_pct, self.seed = valid_pct, seed
+
+    def __call__(self, items):
+        import torch
+        g = None if self.seed is None else torch.Generator().manual_seed(self.seed)
+        idx = torch.randperm(len(items), generator=g).tolist()
+        cut = int(self.valid_pct * len(items))
+        return idx[cut:], idx[:cut]
+
+
+class GrandparentSplitter:
+    "Split by the name of each item's grandparent folder (`path/<train_name>/<label>/file`)."
+    def __init__(self, train_name='train', valid_name='valid'): self.train_name, self.valid_name = train_name, valid_name
+
+    def __call__(self, items):
+        gp = [_grandparent(o) for o in items]
+        train, valid = _names(self.train_name), _names(self.valid_name)
+        split = [i for i, g in enumerate(gp) if g in train], [i for i, g in enumerate(gp) if g in valid]
+        for name, idx in zip((self.train_name, self.valid_name), split):
+            if not idx:
+                raise ValueError(f"GrandparentSplitter found no files under a folder named {name!r}; grandparent "
+                                 f"folders present: {sorted(set(gp))}. Pass train_name=..., valid_name=...")
+        return split
+
+
+class FuncSplitter:
+    "Put the items for which `func(item)` is true in the validation set."
+    def __init__(self, func): self.func = func
+
+    def __call__(self, items):
+        valid = [bool(self.func(o)) for o in items]
+        return [i for i, v in enumerate(valid) if not v], [i for i, v in enumerate(valid) if v]
+
+
+class IndexSplitter:
+    "Put the items at positions `valid_idx` in the validation set."
+    def __init__(self, valid_idx): self.valid_idx = [int(i) for i in valid_idx]
+
+    def __call__(self, items):
+        bad = [i for i in self.valid_idx if not 0 <= i < len(items)]
+        if bad: raise IndexError(f"IndexSplitter: indices {bad[:5]} are outside 0..{len(items) - 1}")
+        valid = set(self.valid_idx)
+        return [i for i in range(len(items)) if i not in valid], sorted(valid)
+
+
+# ------------------------------------------------------------------------------------------------- DataBlock
+def _item_tfms(tfms):
+    tfms = [] if tfms is None else list(tfms) if isinstance(tfms, (list, tuple)) else [tfms]
+    for t in tfms:
+        if isinstance(t, BatchTransform): raise TypeError(f"{t!r} is a batch transform: pass it in batch_tfms, not item_tfms")
+        if not isinstance(t, ItemTransform):
+            raise TypeError(f"item_tfms takes learnkit item transforms (Resize, CenterCrop, RandomResizedCrop), got {t!r}")
+    return tfms
+
+
+class DataBlock:
+    """How to build DataLoaders from a source, the fastai way:
+
+    `DataBlock(blocks=(ImageBlock(cls=PILImageBW), CategoryBlock), get_items=get_image_files,
+    splitter=GrandparentSplitter('training', 'testing'), get_y=parent_label, batch_tfms=Normalize()).dataloaders(path)`
+
+    `get_items(source)` lists the items (default: `source` is the list), `get_x(item)` gives the image file
+    (default: the item), `get_y(item)` its label, `splitter(items)` the training and validation positions
+    (default `RandomSplitter()`). Item transforms run once at decode time; batch transforms on every batch."""
+    def __init__(self, blocks=(ImageBlock, CategoryBlock), get_items=None, splitter=None, get_y=None, get_x=None,
+                 item_tfms=None, batch_tfms=None):
+        blocks = [b() if isinstance(b, type) else b for b in blocks]
+        if len(blocks) != 2 or not isinstance(blocks[0], ImageBlock) or not isinstance(blocks[1], CategoryBlock):
+            raise TypeError(f"DataBlock supports blocks=(ImageBlock, CategoryBlock), got {blocks}")
+        if get_y is None: raise ValueError("DataBlock needs get_y to label the items, e.g. get_y=parent_label")
+        self.image_block, self.category_block = blocks
+        self.get_items, self.get_x, self.get_y = get_items, get_x, get_y
+        self.splitter = RandomSplitter() if splitter is None else splitter
+        self.item_tfms, self.batch_tfms = _item_tfms(item_tfms), check_batch_tfms(batch_tfms)
+
+    def dataloaders(self, source, bs=64, val_bs=None, device=None, seed=None, num_workers=None, on_error='raise',
+                    cache_budget=None, device_cache_budget=None):
+        """Build the DataLoaders. Images are decoded at the first epoch (or `dls.load()`), by `num_workers`
+        processes (default: one per core, at most 8), into a uint8 cache when it fits `cache_budget` bytes
+        (default a quarter of RAM), else per batch. `on_error='skip'` leaves unreadable files out with a
+        warning (listed in `dls.skipped`) and decodes now, so the loaders' lengths are final; 'raise' names them."""
+        items = list(self.get_items(source)) if self.get_items is not None else list(source)
+        if not items: raise ValueError(f"no items found in {source}; folders present: {_subfolders(source)}")
+        files = [self.get_x(o) for o in items] if self.get_x is not None else items
+        labels = [self.get_y(o) for o in items]
+        train_idx, valid_idx = self.splitter(items)
+        for name, idx in (('training', train_idx), ('validation', valid_idx)):
+            if not len(idx):
+                raise ValueError(f"the {name} split is empty ({len(items)} items in {source}; folders present: "
+                                 f"{_subfolders(source)}); check the splitter {self.splitter!r}")
+        vocab, y_train, y_valid = self.category_block.encode(labels, train_idx, valid_idx, items)
+
+        def source_of(idx, y):
+            return ImageFiles([files[i] for i in idx], y, self.image_block.mode, self.item_tfms, num_workers,
+                              on_error, cache_budget)
+        train, valid = source_of(train_idx, y_train), source_of(valid_idx, y_valid)
+        if on_error == 'skip': train.load(), valid.load()
+        batch_tfms = [t.batch_part for t in self.item_tfms if t.batch_part is not None] + self.batch_tfms
+        return DataLoaders.from_sources(train, valid, bs=bs, val_bs=val_bs, batch_tfms=batch_tfms, vocab=vocab,
+                                        device=device, seed=seed, device_cache_budget=device_cache_budget)
