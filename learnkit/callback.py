@@ -85,7 +85,7 @@ class Callback:
     # lookup fails, so the callback's own attributes always win.
     def __getattr__(self, k):
         learn = self.__dict__.get('learn')
-        if k.startswith('__') or learn is None:
+        if k.startswith('_') or learn is None:
             raise AttributeError(f"{type(self).__name__!r} has no attribute {k!r}")
         return getattr(learn, k)
 

@@ -14,7 +14,7 @@ from .callback import CANCEL_EXCEPTIONS, Callback, DispatchTable, _name_origin, 
 from .callbacks.core import GatherPredsCallback, TrainEvalCallback
 from .callbacks.progress import ProgressCallback
 from .callbacks.recorder import Recorder
-from .callbacks import schedule
+from .callbacks import distributed, schedule
 from .metrics import as_metric
 from .optimizer import Adam, OptimWrapper, as_opt_func
 
@@ -58,6 +58,7 @@ class Learner:
         self.cbs, self._dispatch = [], DispatchTable()
         self.add_cbs([cb() for cb in default_callbacks] if default_cbs else [])
         self.add_cbs(cbs)
+        if default_cbs: self.add_cbs(distributed.torchrun_callbacks(self.cbs))  # DDP when torchrun started us
         self('after_create')
 
     # ---- callbacks ------------------------------------------------------------------------------
@@ -197,6 +198,7 @@ class Learner:
         batch = self._to_device(batch)
         n_inp = getattr(self.dls, 'n_inp', 1)
         self.xb, self.yb = tuple(batch[:n_inp]), tuple(batch[n_inp:])
+        self.pred = self.loss = self.loss_grad = None      # a cancelled batch leaves no stale loss behind
         self._with_events(self._do_one_batch, 'batch')
 
     def _do_one_batch(self):
@@ -302,6 +304,10 @@ class Learner:
     def lr_find(self, start_lr=1e-7, end_lr=10, num_it=100, stop_div=True, show_plot=True):
         "The learning-rate finder; returns SuggestedLRs(valley, minimum, steep). Weights are left unchanged."
         return schedule.lr_find(self, start_lr, end_lr, num_it, stop_div, show_plot)
+
+    def distrib_ctx(self, timeout=distributed.DEFAULT_TIMEOUT, **ddp_kwargs):
+        "Data-parallel training inside a `with` block; see `learnkit.callbacks.distributed.distrib_ctx`."
+        return distributed.distrib_ctx(self, timeout, **ddp_kwargs)
 
     def summary(self):
         "Input shape, each layer's output shape and parameters, totals, optimizer, loss and callbacks."

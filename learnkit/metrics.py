@@ -26,7 +26,7 @@ def batch_size(learn):
 
 class AvgMetric(Metric):
     "Averages `func(pred, *yb)` over batches, weighted by batch size."
-    def __init__(self, func): self.func = func
+    def __init__(self, func): self.func = func; self.reset()
     def reset(self): self.total, self.count = 0., 0
     def accumulate(self, learn):
         bs = batch_size(learn)
@@ -40,6 +40,7 @@ class AvgMetric(Metric):
 
 class AvgLoss(Metric):
     "The mean loss over a validation run, weighted by batch size."
+    def __init__(self): self.reset()
     def reset(self): self.total, self.count = 0., 0
     def accumulate(self, learn):
         bs = batch_size(learn)
@@ -53,12 +54,13 @@ class AvgLoss(Metric):
 
 class AvgSmoothLoss(Metric):
     "Exponential moving average of the training loss, debiased as in fastai (beta=0.98)."
-    def __init__(self, beta=0.98): self.beta = beta
+    def __init__(self, beta=0.98): self.beta = beta; self.reset()
     def reset(self): self.count, self.val = 0, None
     def accumulate(self, learn):
         self.count += 1
         loss = learn.loss.mean().float()
-        self.val = loss if self.val is None else torch.lerp(loss, self.val, self.beta)
+        if self.val is None: self.val = torch.zeros_like(loss)   # debiasing below assumes a zero start
+        self.val = torch.lerp(loss, self.val, self.beta)
     @property
     def value(self): return self.val / (1 - self.beta ** self.count) if self.count else None
     @property

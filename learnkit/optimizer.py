@@ -42,7 +42,8 @@ class OptimWrapper:
             for sub, skip_wd in ((decay, False), (no_decay, True)):
                 if not sub: continue
                 if skip_wd: self.no_wd.add(len(torch_groups))
-                idx.append(len(torch_groups)); torch_groups.append({'params': sub})
+                idx.append(len(torch_groups))
+                torch_groups.append({'params': sub, 'weight_decay': 0.} if skip_wd else {'params': sub})
             self.torch_groups_of.append(idx)
         if not torch_groups:
             raise ValueError("The optimizer got no trainable parameters: is every parameter frozen "
@@ -115,13 +116,14 @@ def _first(v): return v[-1] if isinstance(v, (list, tuple)) else v
 
 
 def _broadcast(v, n, k):
-    if isinstance(v, (list, tuple)) or (hasattr(v, '__len__') and not isinstance(v, str)):
+    "One value per parameter group from a number, a 0-d array, or a sequence of n values."
+    if isinstance(v, (list, tuple)) or getattr(v, 'ndim', 0) > 0:
         v = [float(x) for x in v]
         if len(v) != n:
             raise ValueError(f"{k} has {len(v)} values but the optimizer has {n} parameter group(s); "
                              f"pass one value, or a splitter that makes {len(v)} groups")
         return v
-    return [v] * n
+    return [v if isinstance(v, torch.Tensor) else float(v)] * n
 
 
 def _as_groups(params):

@@ -39,6 +39,7 @@ class Recorder(Callback):
         self.lrs, self.moms, self.iters, self.values, self.logs = [], [], [], [], []
         self._raw_losses = TensorLog()
         self.smooth_loss.reset()
+        self._epoch_start, self._valid_results = time.time(), None
         self._extra = [cb for cb in self.learn.cbs if hasattr(cb, 'epoch_columns')]
         extra_names = [k for cb in self._extra for k in cb.epoch_columns()]
         self.metric_names = (['epoch', 'train_loss', 'valid_loss'] + [m.name for m in self.learn.metrics]
@@ -53,6 +54,7 @@ class Recorder(Callback):
         for m in self.learn.metrics: m.reset()
 
     def after_batch(self):
+        if self.learn.loss is None: return            # batch cancelled before its loss
         if self.learn.training:
             self.smooth_loss.accumulate(self.learn)
             self._raw_losses.append(self.smooth_loss.val)
@@ -65,6 +67,7 @@ class Recorder(Callback):
 
     def after_validate(self):
         self._valid_results = [self._valid_loss.value] + [m.value for m in self.learn.metrics]
+        self.before_validate()        # clean accumulators, even if the next validation is cancelled early
 
     def after_epoch(self):
         n_metrics = len(self.learn.metrics)
@@ -76,6 +79,7 @@ class Recorder(Callback):
         self.log = [self.learn.epoch] + numbers + extra + ([format_time(time.time() - self._epoch_start)]
                                                             if self.add_time else [])
         self.logs.append(self.log)
+        self._valid_results = None
         self.learn.logger(self.log)
 
     @property
