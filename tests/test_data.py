@@ -338,13 +338,19 @@ def test_wrong_transform_kinds_are_rejected():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
-def test_cuda_cache_on_device_and_pinned_host_path_agree(png_tree):
-    on_gpu = chapter_block(batch_tfms=Normalize()).dataloaders(png_tree, bs=64, seed=0, device='cuda')
-    via_host = chapter_block(batch_tfms=Normalize()).dataloaders(png_tree, bs=64, seed=0, device='cuda',
-                                                               device_cache_budget=0)
-    a, b = [(x, y) for x, y in on_gpu.train], [(x, y) for x, y in via_host.train]
-    assert on_gpu.train.source.cache.x.is_cuda and not via_host.train.source.cache.x.is_cuda
+def test_cuda_cache_on_device_and_pinned_host_path_agree_without_host_syncs(png_tree):
+    tfms = [Normalize(), RandomCrop(28, padding=2), *aug_transforms()]
+    on_gpu = chapter_block(batch_tfms=tfms).dataloaders(png_tree, bs=64, seed=0, device='cuda')
+    via_host = chapter_block(batch_tfms=tfms).dataloaders(png_tree, bs=64, seed=0, device='cuda', device_cache_budget=0)
+    a, b = [(x, y) for x, y in on_gpu.valid], [(x, y) for x, y in via_host.valid]
+    assert on_gpu.valid.source.cache.x.is_cuda and not via_host.valid.source.cache.x.is_cuda
     assert a[0][0].is_cuda and b[0][0].is_cuda and a[0][1].dtype == torch.int64
     assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
+    for dl in (on_gpu.train, via_host.train): list(dl)  # first epoch: decode and place the caches
+    torch.cuda.set_sync_debug_mode('error')  # any host-device sync in the batch path now raises
+    try:
+        for dl in (on_gpu.train, via_host.train):
+            assert sum(1 for _ in dl) == len(dl)
+    finally: torch.cuda.set_sync_debug_mode(0)
     xb, _ = on_gpu.to('cpu').valid.one_batch()
     assert xb.device.type == 'cpu'

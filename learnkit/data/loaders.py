@@ -140,7 +140,8 @@ class TfmdDL:
             host = self.source.stream(batches, pin_memory=self.device.type == 'cuda')
             return map(self._finish, self._to_device(host))
         on = cache.place(self.device, self.device_cache_budget)
-        idxs = order.to(on).split(bs)[start:stop]  # one copy of the order per epoch
+        if on.type == 'cuda': order = order.pin_memory().to(on, non_blocking=True)  # once per epoch, no host wait
+        idxs = order.split(bs)[start:stop]
         if on == self.device: return map(self._finish, map(cache.gather, idxs))
         gather = cache.gather_pinned if self.device.type == 'cuda' else cache.gather
         return map(self._finish, self._to_device(map(gather, idxs)))
@@ -163,7 +164,7 @@ class TfmdDL:
 
     def _finish(self, batch):
         xb, yb = batch
-        xb = xb.float().div_(255) if xb.dtype == torch.uint8 else xb.float()
+        xb = _to_float(xb)
         for t in self.batch_tfms: xb = t(xb, self.augment)
         return xb, yb
 
@@ -178,8 +179,7 @@ class TfmdDL:
     def sample_batch(self) -> torch.Tensor:
         "A float host batch in [0, 1] of `bs` items drawn with `seed`, before batch transforms (for statistics)."
         idx = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed))[:self.bs]
-        xb, _ = self.source.peek(idx)
-        return xb.float().div_(255) if xb.dtype == torch.uint8 else xb.float()
+        return _to_float(self.source.peek(idx)[0])
 
     def decode(self, xb):
         "Undo the batch transforms that can be undone (Normalize), giving images in [0, 1]."
@@ -196,6 +196,11 @@ class TfmdDL:
     def __repr__(self):
         return (f"TfmdDL(n={self.n}, bs={self.bs}, shuffle={self.shuffle}, drop_last={self.drop_last}, "
                 f"device={self.device}, batch_tfms={self.batch_tfms})")
+
+
+def _to_float(xb):
+    "uint8 images scaled to float [0, 1]; float images as float32."
+    return xb.float().div_(255) if xb.dtype == torch.uint8 else xb.float()
 
 
 def _ready(xb, yb, copied):

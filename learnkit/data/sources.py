@@ -34,6 +34,8 @@ class TensorSource:
     def __init__(self, x, y):
         if x.ndim == 3: x = x[:, None]
         if x.ndim != 4: raise ValueError(f"images must be (N, H, W) or (N, C, H, W), got shape {tuple(x.shape)}")
+        if x.dtype != torch.uint8 and not x.is_floating_point():
+            raise TypeError(f"images must be uint8 (0..255, scaled to [0, 1] per batch) or float, got {x.dtype}")
         y = torch.as_tensor(y)
         if len(x) != len(y): raise ValueError(f"{len(x)} images but {len(y)} labels")
         self.host_x, self.host_y = x, y
@@ -50,10 +52,9 @@ class TensorSource:
     def place(self, device, budget=None) -> torch.device:
         "Keep the tensors on `device` if it is CUDA and they fit `budget`; return the device batches are gathered on."
         device = torch.device(device)
-        if device.type != 'cpu':
-            budget = default_device_cache_budget(device) if budget is None else budget
-            if self.nbytes > budget: device = torch.device('cpu')
-        if self.x.device != device: self.x, self.y = self.host_x.to(device), self.host_y.to(device)
+        fits = device.type == 'cuda' and self.nbytes <= (default_device_cache_budget(device) if budget is None else budget)
+        target = device if fits else self.host_x.device
+        if self.x.device != target: self.x, self.y = self.host_x.to(target), self.host_y.to(target)
         return self.x.device
 
     def gather(self, idx): return self.x.index_select(0, idx), self.y.index_select(0, idx)
