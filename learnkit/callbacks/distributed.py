@@ -44,13 +44,16 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from ..callback import Callback, noop
+from .activations import _HIST, _NHIST, _NUMEL, _SHIFT, _SUM, _SUMSQ, ActivationStats
+from .batch_size import GradientNoiseScale
 from .core import GatherPredsCallback
 from .progress import ProgressCallback
 from .schedule import LRFinder
 
 __all__ = ['DEFAULT_TIMEOUT', 'rank_distrib', 'num_distrib', 'local_rank_distrib', 'is_rank0', 'rank0_only',
            'launched_distributed', 'local_device', 'setup_distrib', 'teardown_distrib', 'unwrap_model',
-           'all_reduce_sum', 'all_reduce_mean', 'broadcast_int', 'gather_interleaved', 'DistributedCallback',
+           'all_reduce_sum', 'all_reduce_mean', 'broadcast', 'broadcast_int', 'gather_interleaved', 'reduce_activation_records',
+           'DistributedCallback',
            'distrib_ctx', 'torchrun_callbacks']
 
 # A collective that waits longer than this for a peer raises instead of hanging (checkpoint writes on rank 0
@@ -153,12 +156,16 @@ def all_reduce_mean(t):
     return all_reduce_sum(t) / dist.get_world_size()
 
 
+def broadcast(t, src=0):
+    "Rank `src`'s `t`, as a new tensor on `t`'s device on every rank."
+    out = t.detach().to(_comm_device(t), copy=True)
+    dist.broadcast(out, src)
+    return out.to(t.device)
+
+
 def broadcast_int(value, src=0):
     "Rank `src`'s integer (a seed, say), on every rank."
-    dev = torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else torch.device('cpu')
-    t = torch.tensor([int(value)], dtype=torch.int64, device=dev)
-    dist.broadcast(t, src)
-    return int(t.item())  # sync-ok: once per epoch
+    return int(broadcast(torch.tensor([int(value)], dtype=torch.int64), src).item())  # sync-ok: once per epoch
 
 
 def _all_gather(t):
@@ -176,6 +183,50 @@ def gather_interleaved(t, n):
     that evened the shards, and are dropped. Every rank must pass as many rows."""
     parts = _all_gather(t)
     return torch.stack(parts, 1).flatten(0, 1)[:n].to(t.device)
+
+
+# ---- statistics recorded on each rank -------------------------------------------------------------------------
+def reduce_activation_records(raw):
+    """ActivationStats' raw records `(rows, layers, 6 [+ bins])` from this rank, combined with the same rows of
+    every other rank into what one process would record on the concatenated batches (on every rank).
+
+    Element counts, near-zero counts and histograms add up (a sampled histogram is first scaled to its
+    estimate of the full counts). Each rank's sum and sum of squares are taken about its own shift (its first
+    element); they are moved to rank 0's shift c before adding: with d = c_r - c,
+    sum(x - c) = S_r + n_r d and sum((x - c)^2) = Q_r + 2 d S_r + n_r d^2, so the mean and the std come out
+    as those of the concatenated activations, in float64."""
+    rows = raw.double()
+    n, s = rows[..., _NUMEL], rows[..., _SUM]
+    shift = broadcast(rows[..., _SHIFT])
+    d = rows[..., _SHIFT] - shift
+    out = rows.clone()
+    out[..., _SHIFT] = shift
+    out[..., _SUM] = s + n * d
+    out[..., _SUMSQ] = rows[..., _SUMSQ] + 2 * d * s + n * d * d
+    if rows.shape[-1] > _HIST:
+        out[..., _HIST:] = rows[..., _HIST:] * (n / rows[..., _NHIST].clamp(min=1)).unsqueeze(-1)
+        out[..., _NHIST] = n
+    out[..., _SUM:] = all_reduce_sum(out[..., _SUM:])
+    return out.to(raw.dtype)
+
+
+def _combine_activation_stats(cb, start):
+    rows = cb._log.values()[start:]
+    rows.copy_(reduce_activation_records(rows))
+    cb._cache = None  # its summary of the per-rank rows is stale
+
+
+def _combine_noise_scale(cb, start):
+    # Every rank's estimates are unbiased estimates of the same |G|^2 and tr(Sigma): their mean is one with
+    # less noise. The EMAs are linear in the estimates, so averaging them keeps them consistent.
+    rows = cb._log.values()[start:]
+    rows.copy_(all_reduce_mean(rows))
+    if cb._ema is not None: cb._ema = all_reduce_mean(cb._ema)
+
+
+# Statistics callbacks whose records differ per rank, and how to combine one epoch of rows across ranks.
+# (GradientStats needs nothing: DDP has averaged the gradients before anyone reads them.)
+RANK_RECORDS = {ActivationStats: _combine_activation_stats, GradientNoiseScale: _combine_noise_scale}
 
 
 # ---- sharding loaders --------------------------------------------------------------------------------------------
@@ -218,7 +269,7 @@ class DistributedCallback(Callback):
     def __init__(self, timeout=DEFAULT_TIMEOUT, **ddp_kwargs):
         self.timeout, self.ddp_kwargs = timeout, ddp_kwargs
         self._active, self._sharded, self._rebuilt, self._muted, self._saved_logger = False, [], {}, [], None
-        self._valid_batches = []
+        self._valid_batches, self._record_starts = [], []
 
     @property
     def rank(self): return rank_distrib()
@@ -264,9 +315,21 @@ class DistributedCallback(Callback):
             # so give the finder enough epochs to reach its num_it batches (it stops itself there).
             learn.n_epoch = learn.start_epoch + (learn.n_epoch - learn.start_epoch) * self.world_size + 1
 
-    def before_train(self): self.learn.dl = self._shard(self.learn.dl)
+    def before_train(self):
+        self.learn.dl = self._shard(self.learn.dl)
+        self._record_starts = [(cb, combine, len(cb._log)) for cb in self.learn.cbs
+                               for cls, combine in RANK_RECORDS.items() if isinstance(cb, cls)]
 
-    def after_train(self): self._unshard(self.learn.dl)
+    def after_train(self):
+        self._unshard(self.learn.dl)
+        # One combine per statistics callback per epoch, before anything reads the epoch's records.
+        for cb, combine, start in self._record_starts:
+            if len(cb._log) > start: combine(cb, start)
+
+    def after_fit(self):
+        # Rank 0 may still be writing the last epoch's files (checkpoints) that the others are about to read
+        # (SaveModelCallback loads the best weights back): wait for it.
+        dist.barrier()
 
     # -- validation --
     def before_validate(self):

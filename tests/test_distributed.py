@@ -1,0 +1,183 @@
+"""Distributed data-parallel training, as a user launches it: `torchrun --nproc_per_node=2` on the CPU (gloo).
+
+Launching torchrun costs several seconds (each process imports torch), so two launches cover everything: one
+job that trains, validates, predicts, runs lr_find and records activation statistics on both ranks, and one
+job where rank 1 raises. The same file is the script torchrun runs (see `_worker` at the bottom).
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+N_TRAIN, N_VALID, N_ACT, BS, VAL_BS, SEED = 1024, 301, 64, 64, 50, 1
+# 301 validation items over 2 ranks: rank 1's shard ends with one padding item, alone in its last batch.
+FMNIST_STATS = (0.286, 0.353)  # fixed, so normalisation does not depend on the per-rank batch size
+LOSS_RTOL = 1e-3  # the DDP loss curve vs one process with the same global batch: only float rounding differs
+
+
+def _model():
+    "A small CNN without BatchNorm (per-rank batch statistics would make the two runs differ by design)."
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+
+
+def _dls(fm, bs, n_train=N_TRAIN, n_valid=N_VALID):
+    from learnkit.data import DataLoaders, Normalize
+    return DataLoaders.from_tensors(fm.x_train[:n_train], fm.y_train[:n_train], fm.x_valid[:n_valid],
+                                    fm.y_valid[:n_valid], bs=bs, val_bs=VAL_BS, seed=SEED, device='cpu',
+                                    batch_tfms=[Normalize.from_stats(*FMNIST_STATS)])
+
+
+def _learner(dls, model, **kwargs):
+    from learnkit import Learner, accuracy
+    return Learner(dls, model, loss_func=nn.CrossEntropyLoss(), metrics=accuracy, lr=3e-3, **kwargs)
+
+
+def _torchrun(mode, out, timeout):
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+           __file__, mode, str(out)]
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1'}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=out)
+
+
+@pytest.fixture(scope='module')
+def ddp_run(tmp_path_factory):
+    "One 2-process job (see `_train_worker`): its output folder and console output."
+    out = tmp_path_factory.mktemp('ddp')
+    proc = _torchrun('train', out, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = [json.loads((out / f'result_rank{r}.json').read_text()) for r in (0, 1)]
+    return out, results, proc.stdout
+
+
+def test_both_ranks_finish_and_only_rank0_writes_and_shows(ddp_run):
+    out, results, stdout = ddp_run
+    assert [r['rank'] for r in results] == [0, 1] and all(r['world_size'] == 2 for r in results)
+    assert sorted(p.name for p in (out / 'rank0').rglob('*') if p.is_file()) == ['history.csv', 'model_0.pth', 'model_last.pth']
+    assert not any((out / 'rank1').rglob('*')), "rank 1 must write no checkpoint or log"
+    assert stdout.count('train_loss') == 1, "only rank 0 prints the results table"
+    assert all(r['model_type'] == 'Sequential' for r in results), "learn.model is unwrapped after fit"
+
+
+def test_metrics_equal_one_process_on_the_saved_weights(ddp_run, fmnist):
+    from learnkit.checkpoint import safe_load
+    out, results, _ = ddp_run
+    model = _model()
+    model.load_state_dict(safe_load(out / 'rank0' / 'models' / 'model_0.pth')['model'])
+    learn = _learner(_dls(fmnist, BS), model)
+    valid_loss, acc = learn.validate()
+    for r in results:  # what each rank reported: its results table and validate()
+        train_loss, ddp_valid_loss, ddp_acc = r['values'][0]
+        assert ddp_acc == pytest.approx(acc, abs=1e-6) and r['validate'][1] == pytest.approx(acc, abs=1e-6)
+        assert ddp_valid_loss == pytest.approx(valid_loss, rel=1e-5)
+    csv = (out / 'rank0' / 'history.csv').read_text().splitlines()
+    assert float(csv[1].split(',')[3]) == pytest.approx(acc, abs=1e-6)
+    with learn.no_bar(): preds, targets = learn.get_preds()
+    for r in results:  # get_preds gathers every rank's part, in the loader's order, without the padding
+        assert torch.equal(torch.tensor(r['targets']), targets)
+        assert torch.allclose(torch.tensor(r['preds']), preds, atol=1e-5)
+
+
+def test_loss_curve_matches_one_process_with_the_same_global_batch(ddp_run, fmnist):
+    _, results, _ = ddp_run
+    learn = _learner(_dls(fmnist, BS), _model())
+    with learn.no_bar(), learn.no_logging(): learn.fit(1)
+    single = learn.recorder.losses
+    for r in results:
+        assert len(r['losses']) == len(single) == N_TRAIN // BS
+        assert r['losses'] == pytest.approx(single, rel=LOSS_RTOL)
+
+
+def test_lr_find_runs_on_every_rank_with_one_answer(ddp_run):
+    _, (r0, r1), _ = ddp_run
+    assert r0['lr_find'] == r1['lr_find'] and r0['lr_find_points'] == r1['lr_find_points']
+    assert r0['lr_find_points'] >= 20, "the finder must see its num_it batches despite the sharded loader"
+    assert r0['weights_restored'] and r1['weights_restored']
+
+
+def test_activation_stats_combine_to_the_concatenated_batch(ddp_run, fmnist):
+    "Each rank hooked its half of a 64-image batch; combined, the stats are those of all 64 images at once."
+    from learnkit.checkpoint import safe_load
+    out, results, _ = ddp_run
+    model = _model()
+    model.load_state_dict(safe_load(out / 'rank0' / 'models' / 'model_0.pth')['model'])
+    mean, std = FMNIST_STATS
+    x = (fmnist.x_train[:N_ACT].float().div(255).unsqueeze(1) - mean) / std
+    acts = []
+    hooks = [m.register_forward_hook(lambda m, i, o: acts.append(o.detach().flatten()))
+             for m in model if any(True for _ in m.parameters(recurse=False))]
+    with torch.no_grad(): model(x)
+    for h in hooks: h.remove()
+    for r in results:
+        stats = r['activation_stats']
+        for i, a in enumerate(acts):
+            assert stats['mean'][i] == pytest.approx(a.mean().item(), rel=1e-4, abs=1e-6)
+            assert stats['std'][i] == pytest.approx(a.std().item(), rel=1e-4)
+            assert stats['near_zero'][i] == pytest.approx((a <= 0.05).float().mean().item(), abs=1e-6)
+            assert stats['hist'][i] == pytest.approx(torch.histc(a, 40, -10, 10).tolist(), abs=1e-3)
+
+
+def test_a_rank_that_raises_stops_the_whole_job_with_its_error(tmp_path):
+    start = time.monotonic()
+    proc = _torchrun('fail', tmp_path, timeout=120)  # a hang would raise TimeoutExpired and fail the test
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    assert 'ValueError: boom on rank 1' in output and 'during `after_batch`' in output
+    assert time.monotonic() - start < 120
+
+
+# ---- what each rank runs under torchrun -----------------------------------------------------------------------
+def _train_worker(out):
+    from learnkit.callbacks.activations import ActivationStats
+    from learnkit.callbacks.distributed import num_distrib, rank_distrib
+    from learnkit.callbacks.logging import CSVLogger
+    from learnkit.callbacks.tracking import SaveModelCallback
+    from learnkit.datasets import fashion_mnist
+    rank, world = rank_distrib(), num_distrib()
+    fm = fashion_mnist()
+    # Each rank writes under its own folder, so the test can see that rank 1 wrote nothing.
+    learn = _learner(_dls(fm, BS // world), _model(), path=out / f'rank{rank}',
+                     cbs=[SaveModelCallback(every_epoch=True, with_opt=False), CSVLogger()])
+    learn.fit(1)
+    result = {'rank': rank, 'world_size': world, 'values': learn.recorder.values, 'losses': learn.recorder.losses,
+              'model_type': type(learn.model).__name__, 'validate': learn.validate()}
+    preds, targets = learn.get_preds()
+    result.update(preds=preds.tolist(), targets=targets.tolist())
+
+    before = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    with learn.removed_cbs([learn.save_model, learn.csv_logger]):
+        result['lr_find'] = list(learn.lr_find(num_it=20, show_plot=False))
+    result['lr_find_points'] = len(learn.recorder.lrs)
+    result['weights_restored'] = all(torch.equal(before[k], v) for k, v in learn.model.state_dict().items())
+
+    # One batch of N_ACT images, half on each rank, through the trained weights (lr=0 leaves them as they are).
+    stats_learn = _learner(_dls(fm, N_ACT // world, n_train=N_ACT, n_valid=VAL_BS), learn.model,
+                           cbs=ActivationStats(with_hist=True, hist_range='symmetric', hist_sample=None))
+    with stats_learn.no_logging(): stats_learn.fit(1, lr=0.)
+    stats = stats_learn.activation_stats.stats
+    result['activation_stats'] = {k: stats[k][0].tolist() for k in ('mean', 'std', 'near_zero', 'hist')}
+    (out / f'result_rank{rank}.json').write_text(json.dumps(result))
+
+
+def _fail_worker(out):
+    from learnkit import Callback
+    from learnkit.callbacks.distributed import rank_distrib
+    from learnkit.datasets import fashion_mnist
+
+    class RaiseOnRank1(Callback):
+        def after_batch(self):
+            if rank_distrib() == 1 and self.learn.iter == 2: raise ValueError("boom on rank 1")
+
+    _learner(_dls(fashion_mnist(), BS // 2), _model(), cbs=RaiseOnRank1()).fit(1)
+
+
+if __name__ == '__main__':
+    torch.set_num_threads(1)
+    {'train': _train_worker, 'fail': _fail_worker}[sys.argv[1]](Path(sys.argv[2]))
