@@ -3,18 +3,16 @@ import math
 import os
 import warnings
 from contextlib import contextmanager
+from functools import cache
 
 import torch
 from torch.utils.data import DataLoader as TorchDataLoader, Dataset
-from torchvision.io import ImageReadMode, decode_image
-from torchvision.transforms.v2.functional import pil_to_tensor, to_dtype
 
 __all__ = ['IMAGE_EXTENSIONS', 'ImageDecodeError', 'read_image', 'FileDecoder', 'decode_all', 'default_workers']
 
 # What torchvision decodes natively, plus the few formats we hand to PIL (torchvision cannot read them).
 IMAGE_EXTENSIONS = frozenset({'.png', '.jpg', '.jpeg', '.gif', '.webp', '.bmp', '.tif', '.tiff'})
 _PIL_ONLY = frozenset({'.bmp', '.tif', '.tiff'})
-_READ_MODES = {'L': ImageReadMode.GRAY, 'RGB': ImageReadMode.RGB}
 _SERIAL_BELOW = 4096  # starting worker processes costs more than decoding this many small files
 
 
@@ -27,8 +25,16 @@ def default_workers() -> int:
     return min(8, len(os.sched_getaffinity(0)))
 
 
+@cache
+def _decoder():
+    "torchvision's decoder and read modes, imported on first use so that `import learnkit` stays fast."
+    from torchvision.io import ImageReadMode, decode_image
+    return decode_image, {'L': ImageReadMode.GRAY, 'RGB': ImageReadMode.RGB}
+
+
 def _decode_with_pil(fn, mode):
     from PIL import Image, UnidentifiedImageError
+    from torchvision.transforms.v2.functional import pil_to_tensor
     try:
         with Image.open(fn) as im: return pil_to_tensor(im.convert(mode))
     except (OSError, UnidentifiedImageError) as e:
@@ -51,10 +57,13 @@ def read_image(fn, mode='RGB', prep=()) -> torch.Tensor:
     else:
         with open(fn, 'rb') as f: data = bytearray(f.read())  # writable, so torch.frombuffer does not warn
         if not data: raise ImageDecodeError(f"cannot decode {fn}: the file is empty")
-        try: img = decode_image(torch.frombuffer(data, dtype=torch.uint8), mode=_READ_MODES[mode])
+        decode_image, read_modes = _decoder()
+        try: img = decode_image(torch.frombuffer(data, dtype=torch.uint8), mode=read_modes[mode])
         except RuntimeError as e: raise ImageDecodeError(f"cannot decode {fn}: {str(e).splitlines()[-1]}") from e
         if img.ndim == 4: img = img[0]  # an animated GIF: keep its first frame
-        if img.dtype != torch.uint8: img = to_dtype(img, torch.uint8, scale=True)  # 16-bit PNG
+        if img.dtype != torch.uint8:  # a 16-bit PNG
+            from torchvision.transforms.v2.functional import to_dtype
+            img = to_dtype(img, torch.uint8, scale=True)
     for t in prep: img = t.prepare(img)
     return img
 

@@ -13,7 +13,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.v2.functional import center_crop, resize
 
 __all__ = ['ItemTransform', 'Resize', 'CenterCrop', 'RandomResizedCrop',
            'BatchTransform', 'Augmentation', 'Normalize', 'Flip', 'Rotate', 'Brightness', 'Contrast', 'RandomCrop',
@@ -46,6 +45,7 @@ class Resize(ItemTransform):
         self.size, self.method = _pair(size), method
 
     def prepare(self, img):
+        from torchvision.transforms.v2.functional import center_crop, resize
         (h, w), (H, W) = self.size, img.shape[-2:]
         if (H, W) == (h, w): return img
         if self.method == 'squish': return resize(img, [h, w], antialias=True)
@@ -60,7 +60,9 @@ class CenterCrop(ItemTransform):
     "Crop the centre `size` (int or (h, w)) of each image, padding with zeros where the image is smaller."
     def __init__(self, size): self.size = _pair(size)
 
-    def prepare(self, img): return center_crop(img, list(self.size))
+    def prepare(self, img):
+        from torchvision.transforms.v2.functional import center_crop
+        return center_crop(img, list(self.size))
 
 
 class RandomResizedCrop(ItemTransform):
