@@ -10,6 +10,7 @@ from conftest import normalized_slice, torch_dls
 from learnkit import SGD, Callback, Learner, accuracy
 from learnkit.callbacks.batch_size import (BatchSizeScheduler, GradientAccumulation, GradientNoiseScale,
                                            noise_scale_estimate)
+from learnkit.callbacks.mixed_precision import MixedPrecision
 from learnkit.callbacks.schedule import combined_cos
 from learnkit.data import DataLoaders, Normalize
 
@@ -90,6 +91,10 @@ def test_noise_scale_grows_as_training_lowers_the_loss(fmnist):
     assert end.trace.mean() / end.grad_sq.mean() > 1.5 * start.trace.mean() / start.grad_sq.mean()
     assert list(learn.recorder.df.noise_scale) == pytest.approx(list(df.groupby('epoch').noise_scale.last()), rel=1e-4)
     assert gns.plot().axes[0].get_yscale() == 'log'
+    b_noise = gns.critical_batch_size()
+    tradeoff = gns.tradeoff([round(b_noise), 8 * round(b_noise)])
+    assert list(tradeoff.steps) == pytest.approx([2, 1.125], rel=0.02)   # at B_noise: twice the minimum steps...
+    assert list(tradeoff.samples) == pytest.approx([2, 9], rel=0.02)     # ...and twice the minimum samples
 
 
 def test_noise_scale_measures_every_n_batches_without_changing_training(fmnist):
@@ -154,6 +159,8 @@ def test_accumulation_skips_steps_between_and_records_unweighted_losses(fmnist):
     assert learn.steps.n == 512 // 128
     assert 1.5 < learn.recorder.losses[0] < 3   # ~ln(10): the loss as computed, not weighted by 32/128
     with pytest.raises(ValueError, match='positive int'): GradientAccumulation(0)
+    learn.add_cb(MixedPrecision(torch.float16))
+    with pytest.raises(ValueError, match='bfloat16'): learn.fit(1, 1e-3)
 
 
 # ---- BatchSizeScheduler --------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from ..callback import Callback, CancelBatchException
 from ..metrics import batch_size
 from ..records import TensorLog
-from .recorder import _fig_ax
+from .mixed_precision import MixedPrecision
 from .schedule import ParamScheduler
 
 __all__ = ['GradientAccumulation', 'GradientNoiseScale', 'BatchSizeScheduler', 'noise_scale_estimate']
@@ -37,7 +37,12 @@ class GradientAccumulation(Callback):
             raise ValueError(f"GradientAccumulation(n_acc={n_acc!r}): n_acc is a number of samples, a positive int")
         self.n_acc, self.count, self.loss_weight, self.step_samples = n_acc, 0, 1., 0
 
-    def before_fit(self): self.count = 0
+    def before_fit(self):
+        if any(isinstance(cb, MixedPrecision) and cb.dtype == torch.float16 for cb in self.learn.cbs):
+            raise ValueError("GradientAccumulation does not work with MixedPrecision(torch.float16), which unscales the "
+                             "gradient after every backward: use MixedPrecision(torch.bfloat16) (no loss scaling), "
+                             "or drop one of the two")
+        self.count = 0
 
     def after_loss(self):
         bs = batch_size(self.learn)
@@ -100,8 +105,9 @@ class GradientNoiseScale(Callback):
     The loss must be mean-reduced (the default of torch's losses), so a gradient is a mean over samples.
     Nothing is read from the device per batch; `noise_scale` (a DataFrame, one row per measurement),
     `critical_batch_size()` and `plot()` read the record when asked, and the recorder gets a `noise_scale`
-    column read once per epoch. Measures `.grad` as the backward leaves it, so put it before anything that
-    rescales gradients (fp16 loss scaling).
+    column read once per epoch. Splitting differentiates the unscaled loss, so float16 loss scaling does not
+    affect it; with accumulation it reads `.grad` before any other callback's `after_backward` or `before_step`
+    (clipping).
     """
     order, run_valid = 7, False   # after GradientAccumulation (it rescales the gradient in before_step)
 
@@ -208,9 +214,22 @@ class GradientNoiseScale(Callback):
                                f"{self.every or 'few'} training batches)")
         return float(self.noise_scale.noise_scale.iloc[-1])
 
+    def tradeoff(self, batch_sizes=(32, 64, 128, 256, 512, 1024, 2048)):
+        """What each batch size would cost, by McCandlish et al.'s model with B_noise ~ `critical_batch_size()`:
+        `steps` = 1 + B_noise/B and `samples` = 1 + B/B_noise, each relative to its minimum (reached with huge and
+        tiny batches respectively). Near B = B_noise both are about 2x their minimum: the balanced choice."""
+        import pandas as pd
+        b_noise = self.critical_batch_size()
+        if not b_noise > 0:
+            raise RuntimeError(f"The noise scale is {b_noise:.3g}, so |G|^2 is not yet resolved from the gradient noise: "
+                               "measure over more batches (or a higher beta) before reading the trade-off")
+        return pd.DataFrame({'bs': list(batch_sizes), 'steps': [1 + b_noise / b for b in batch_sizes],
+                             'samples': [1 + b / b_noise for b in batch_sizes]}).set_index('bs')
+
     def plot(self, ax=None):
         "B_simple (smoothed) against the training batch, on a log scale, with the batch size used."
-        fig, ax = _fig_ax(ax)
+        from ..diagnostics.plots import fig_ax
+        fig, ax = fig_ax(ax)
         df = self.noise_scale
         positive = df[df.noise_scale > 0]
         ax.plot(positive.iter, positive.noise_scale, label='B_simple (noise scale)')
