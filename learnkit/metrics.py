@@ -58,7 +58,7 @@ class AvgSmoothLoss(Metric):
     def reset(self): self.count, self.val = 0, None
     def accumulate(self, learn):
         self.count += 1
-        loss = learn.loss.mean().float()
+        loss = learn.loss if learn.loss.ndim == 0 else learn.loss.mean()
         if self.val is None: self.val = torch.zeros_like(loss)   # debiasing below assumes a zero start
         self.val = torch.lerp(loss, self.val, self.beta)
     @property

@@ -4,6 +4,8 @@ Schedules set hyper-parameters by these names; `OptimWrapper` translates them to
 arguments (Adam's `betas[0]`, SGD's `momentum`, ...). Weight decay skips biases and normalisation
 weights (every parameter with one dimension or fewer) unless `wd_bn_bias=True`, as in fastai.
 """
+import inspect
+
 import torch
 
 __all__ = ['OptimWrapper', 'Adam', 'SGD', 'RMSProp', 'as_opt_func']
@@ -24,9 +26,11 @@ class OptimWrapper:
     """A torch optimizer whose hyper-parameters are read and set by fastai's names, per parameter group.
 
     `params` is an iterable of parameters (one group) or a list of lists (one group each, for
-    discriminative learning rates). `hypers` are the initial values by fastai name.
+    discriminative learning rates). `hypers` are the initial values by fastai name. `fused=True` asks torch
+    for its one-kernel implementation (Adam, AdamW, SGD; CUDA and CPU), the fastest on a GPU; `None` keeps
+    torch's default (foreach on CUDA).
     """
-    def __init__(self, params, opt_cls, wd_bn_bias=False, **hypers):
+    def __init__(self, params, opt_cls, wd_bn_bias=False, fused=None, **hypers):
         groups = _as_groups(params)
         self.names = {**_COMMON, **_TORCH_NAMES.get(opt_cls, {})}
         unknown = [k for k in hypers if k not in self.names]
@@ -48,7 +52,12 @@ class OptimWrapper:
         if not torch_groups:
             raise ValueError("The optimizer got no trainable parameters: is every parameter frozen "
                              "(requires_grad=False), or is the model empty?")
-        self.opt = opt_cls(torch_groups, **self._torch_defaults(opt_cls, hypers))
+        kw = self._torch_defaults(opt_cls, hypers)
+        if fused is not None:
+            if 'fused' not in inspect.signature(opt_cls.__init__).parameters:
+                raise TypeError(f"{opt_cls.__name__} has no fused implementation; drop fused={fused!r}")
+            kw['fused'] = fused
+        self.opt = opt_cls(torch_groups, **kw)
         for k, v in hypers.items(): self.set_hyper(k, v)
 
     def _torch_defaults(self, opt_cls, hypers):
@@ -70,15 +79,18 @@ class OptimWrapper:
 
     def set_hyper(self, k, v):
         "Set hyper-parameter `k` (fastai name) to `v`, a number or one value per parameter group."
-        vals = _broadcast(v, self.n_groups, k)
         name = self.names.get(k)
         if name is None: raise KeyError(f"Unknown hyper-parameter {k!r}; this optimizer has {sorted(self.names)}")
+        vals = _broadcast(v, self.n_groups, k)
+        groups, skip = self.opt.param_groups, (self.no_wd if k == 'wd' else ())
         for val, idx in zip(vals, self.torch_groups_of):
             for i in idx:
-                g = self.opt.param_groups[i]
-                if k == 'wd' and i in self.no_wd: continue
-                if isinstance(name, tuple):
-                    t = list(g[name[0]]); t[name[1]] = val; g[name[0]] = tuple(t)
+                if i in skip: continue
+                g = groups[i]
+                if isinstance(name, tuple):            # e.g. Adam's mom is betas[0]
+                    key, pos = name
+                    old = g[key]
+                    g[key] = (val, old[1]) if pos == 0 else (old[0], val)
                 else: g[name] = val
 
     def get_hyper(self, k, group=-1):
@@ -108,7 +120,6 @@ class OptimWrapper:
 
 
 def _default(opt_cls, arg):
-    import inspect
     return inspect.signature(opt_cls.__init__).parameters[arg].default
 
 
@@ -132,15 +143,16 @@ def _as_groups(params):
     return [[p for p in g if p.requires_grad] for g in params]
 
 
-def Adam(params, lr=1e-3, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.01, decouple_wd=True, wd_bn_bias=False):
-    "fastai's Adam defaults: decoupled weight decay (torch's AdamW) with wd=0.01, eps=1e-5."
+def Adam(params, lr=1e-3, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.01, decouple_wd=True, wd_bn_bias=False, fused=None):
+    "fastai's Adam defaults: decoupled weight decay (torch's AdamW) with wd=0.01, eps=1e-5. See OptimWrapper for `fused`."
     cls = torch.optim.AdamW if decouple_wd else torch.optim.Adam
-    return OptimWrapper(params, cls, wd_bn_bias=wd_bn_bias, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+    return OptimWrapper(params, cls, wd_bn_bias=wd_bn_bias, fused=fused, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps,
+                        wd=wd)
 
 
-def SGD(params, lr=1e-3, mom=0., wd=0., wd_bn_bias=False):
-    "torch's SGD, with momentum set by `mom` (so 1cycle can move it)."
-    return OptimWrapper(params, torch.optim.SGD, wd_bn_bias=wd_bn_bias, lr=lr, mom=mom, wd=wd)
+def SGD(params, lr=1e-3, mom=0., wd=0., wd_bn_bias=False, fused=None):
+    "torch's SGD, with momentum set by `mom` (so 1cycle can move it). See OptimWrapper for `fused`."
+    return OptimWrapper(params, torch.optim.SGD, wd_bn_bias=wd_bn_bias, fused=fused, lr=lr, mom=mom, wd=wd)
 
 
 def RMSProp(params, lr=1e-3, sqr_mom=0.99, mom=0., eps=1e-8, wd=0., wd_bn_bias=False):

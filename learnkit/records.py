@@ -5,43 +5,50 @@ __all__ = ['TensorLog']
 
 
 class TensorLog:
-    """A series of equally shaped tensors stored in one preallocated device buffer.
+    """A series of equally shaped tensors, kept on their device and read in bulk.
 
-    `append(x)` is one device copy into the next free row (no host sync, no Python work that grows with
-    `x`); the buffer doubles when full, so memory is O(rows x row size). `values()` returns the filled
-    rows as one tensor on the device; `numpy()` reads them to the host in a single transfer.
+    `append(x)` copies `x` (one device kernel, no host sync); `append(x, copy=False)` only keeps a
+    reference, for a fresh tensor the caller will not modify in place. Every `chunk` appends the pending
+    rows are stacked into one growing device buffer, so memory is O(rows x row size).
+    `values()` returns the rows as one tensor on the device; `numpy()` reads them with one transfer.
     """
-    def __init__(self, capacity=256):
-        self.capacity, self.n, self.buf = capacity, 0, None
+    def __init__(self, chunk=256):
+        self.chunk, self.buf, self.n, self._pending = chunk, None, 0, []
 
-    def append(self, x):
-        x = x.detach()
+    def append(self, x, copy=True):
+        self._pending.append(x.detach().clone() if copy else x.detach())
+        if len(self._pending) >= self.chunk: self._flush()
+
+    def _flush(self):
+        if not self._pending: return
+        block = torch.stack(self._pending)
+        self._pending = []
         if self.buf is None:
-            self.buf = torch.empty((self.capacity, *x.shape), dtype=x.dtype, device=x.device)
-        elif self.n == self.buf.shape[0]:
-            bigger = torch.empty((2 * self.n, *self.buf.shape[1:]), dtype=self.buf.dtype, device=self.buf.device)
-            bigger[:self.n].copy_(self.buf)
+            self.buf = torch.empty((max(self.chunk, len(block)), *block.shape[1:]), dtype=block.dtype,
+                                   device=block.device)
+        if self.n + len(block) > self.buf.shape[0]:
+            bigger = torch.empty((max(2 * self.buf.shape[0], self.n + len(block)), *self.buf.shape[1:]),
+                                 dtype=self.buf.dtype, device=self.buf.device)
+            bigger[:self.n].copy_(self.buf[:self.n])
             self.buf = bigger
-        self.buf[self.n].copy_(x)
-        self.n += 1
+        self.buf[self.n:self.n + len(block)].copy_(block)
+        self.n += len(block)
 
     def values(self):
         "The rows appended so far, as one tensor on the device (empty if none)."
+        self._flush()
         return self.buf[:self.n] if self.buf is not None else torch.empty(0)
 
     def numpy(self):
         "The rows on the host, read with one transfer."
         return self.values().float().cpu().numpy()  # sync-ok: read when asked, not per batch
 
-    def clear(self): self.n = 0
-    def __len__(self): return self.n
+    def clear(self): self.n, self._pending = 0, []
+    def __len__(self): return self.n + len(self._pending)
 
     def state_dict(self): return {'values': self.values().cpu()}  # sync-ok: checkpoints only
 
     def load_state_dict(self, state, device=None):
         vals = state['values'] if device is None else state['values'].to(device)
-        self.n, self.buf = len(vals), None
-        if self.n:
-            self.capacity = max(self.capacity, self.n)
-            self.buf = torch.empty((self.capacity, *vals.shape[1:]), dtype=vals.dtype, device=vals.device)
-            self.buf[:self.n].copy_(vals)
+        self.buf, self.n, self._pending = None, 0, []
+        if len(vals): self._pending = list(vals); self._flush()

@@ -57,7 +57,7 @@ class Recorder(Callback):
         if self.learn.loss is None: return            # batch cancelled before its loss
         if self.learn.training:
             self.smooth_loss.accumulate(self.learn)
-            self._raw_losses.append(self.smooth_loss.val)
+            self._raw_losses.append(self.smooth_loss.val, copy=False)   # lerp made a fresh tensor
             opt = self.learn.opt
             self.lrs.append(opt.get_hyper('lr'))
             if 'mom' in opt.names: self.moms.append(opt.get_hyper('mom'))
@@ -81,6 +81,24 @@ class Recorder(Callback):
         self.logs.append(self.log)
         self._valid_results = None
         self.learn.logger(self.log)
+
+    def state_dict(self):
+        "The history so far (per-batch losses, lrs and moms; per-epoch rows), so a resumed fit continues it."
+        smooth = self.smooth_loss
+        val = getattr(smooth, 'val', None)
+        return {'losses': self._raw_losses.state_dict(), 'smooth_count': getattr(smooth, 'count', 0),
+                'smooth_val': None if val is None else val.cpu(),  # sync-ok: checkpoints only
+                'lrs': self.lrs, 'moms': self.moms, 'iters': self.iters, 'values': self.values,
+                'logs': self.logs, 'metric_names': self.metric_names}
+
+    def load_state_dict(self, state):
+        device = self.learn.device if self.learn is not None else None
+        self._raw_losses.load_state_dict(state['losses'], device)
+        val = state['smooth_val']
+        self.smooth_loss.count, self.smooth_loss.val = state['smooth_count'], None if val is None else val.to(device)
+        self.lrs, self.moms, self.iters = list(state['lrs']), list(state['moms']), list(state['iters'])
+        self.values, self.logs, self.metric_names = list(state['values']), list(state['logs']), list(state['metric_names'])
+        self.log = self.logs[-1] if self.logs else []
 
     @property
     def final_record(self):

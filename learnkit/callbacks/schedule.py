@@ -1,5 +1,7 @@
 """Hyper-parameter schedules, 1cycle, flat-cos and the learning-rate finder."""
+import bisect
 import copy
+import itertools
 import math
 from collections import namedtuple
 
@@ -52,7 +54,11 @@ class SchedPoly(_Schedule):
 
 
 def _arr(v):
-    return np.asarray(v, dtype=float) if isinstance(v, (list, tuple, np.ndarray)) else v
+    "A float for one value (fast to compute with per batch), a numpy array for one value per group."
+    if isinstance(v, (list, tuple, np.ndarray)):
+        v = np.asarray(v, dtype=float)
+        return float(v.reshape(-1)[0]) if v.size == 1 else v
+    return v
 
 
 def combine_scheds(pcts, scheds):
@@ -60,13 +66,14 @@ def combine_scheds(pcts, scheds):
     if len(pcts) != len(scheds): raise ValueError(f"combine_scheds got {len(pcts)} pcts for {len(scheds)} scheds")
     if abs(sum(pcts) - 1) > 1e-6 or min(pcts) < 0:
         raise ValueError(f"combine_scheds: pcts must be >= 0 and sum to 1; got {pcts}")
-    bounds = np.cumsum([0.] + list(pcts))
+    # Plain Python floats and bisect: this runs before every batch, where numpy's per-call cost shows.
+    pcts = [float(p) for p in pcts]
+    starts = list(itertools.accumulate([0.] + pcts[:-1]))
 
     def sched(pos):
-        i = min(int(np.searchsorted(bounds, pos, side='right')) - 1, len(scheds) - 1)
+        i = max(bisect.bisect_right(starts, pos) - 1, 0)
         while i > 0 and pcts[i] == 0: i -= 1
-        width = pcts[i] or 1.
-        return scheds[i](min(max((pos - bounds[i]) / width, 0.), 1.))
+        return scheds[i](min(max((pos - starts[i]) / (pcts[i] or 1.), 0.), 1.))
     return sched
 
 
@@ -91,7 +98,7 @@ class ParamScheduler(Callback):
 
 
 def fit_one_cycle(learn, n_epoch, lr_max=None, div=25., div_final=1e5, pct_start=0.25, wd=None, moms=None,
-                  cbs=None, reset_opt=False, start_epoch=0):
+                  cbs=None, reset_opt=False, start_epoch=0, resume=None):
     """Leslie Smith's 1cycle: lr warms up from lr_max/div to lr_max over `pct_start` of training with a
     cosine, then anneals to lr_max/div_final; momentum moves the other way between `moms`."""
     lr_max = learn.lr if lr_max is None else lr_max
@@ -107,11 +114,11 @@ def fit_one_cycle(learn, n_epoch, lr_max=None, div=25., div_final=1e5, pct_start
     scheds = {'lr': combined_cos(pct_start, lr_max / div, lr_max, lr_max / div_final),
               'mom': combined_cos(pct_start, *moms)}
     return learn.fit(n_epoch, lr=lr_max.tolist(), cbs=[ParamScheduler(scheds)] + _listify(cbs), wd=wd,
-                     start_epoch=start_epoch)
+                     start_epoch=start_epoch, resume=resume)
 
 
 def fit_flat_cos(learn, n_epoch, lr=None, div_final=1e5, pct_start=0.75, wd=None, cbs=None, reset_opt=False,
-                 start_epoch=0):
+                 start_epoch=0, resume=None):
     "Constant lr for `pct_start` of training, then cosine annealing to lr/div_final."
     lr = learn.lr if lr is None else lr
     if lr is None: raise ValueError("fit_flat_cos needs a learning rate: pass lr, or Learner(lr=...)")
@@ -119,7 +126,7 @@ def fit_flat_cos(learn, n_epoch, lr=None, div_final=1e5, pct_start=0.75, wd=None
     lr = np.array(learn.lr_values(lr), dtype=float)
     scheds = {'lr': combine_scheds([pct_start, 1 - pct_start], [SchedNo(lr, lr), SchedCos(lr, lr / div_final)])}
     return learn.fit(n_epoch, lr=lr.tolist(), cbs=[ParamScheduler(scheds)] + _listify(cbs), wd=wd,
-                     start_epoch=start_epoch)
+                     start_epoch=start_epoch, resume=resume)
 
 
 def _listify(cbs):
