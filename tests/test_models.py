@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from learnkit.datasets import fashion_mnist
 from learnkit.models import (MODELS, BatchNorm, ConvBN, DepthwiseSeparableConv, Flatten, ResBlock, SEBlock, conv,
                              get_model, init_cnn, register_model, simple_cnn, torchvision_model)
 
@@ -15,11 +14,10 @@ CLASSIC = sorted(set(MODELS) - {'simple_cnn', 'torchvision_model'})
 
 
 @pytest.fixture(scope='module')
-def batch():
+def batch(fmnist):
     "16 Fashion-MNIST training images, standardised, with their labels."
-    ds = fashion_mnist()
-    x = ds.x_train[:16, None].float() / 255
-    return (x - x.mean()) / x.std(), ds.y_train[:16]
+    x = fmnist.x_train[:16, None].float() / 255
+    return (x - x.mean()) / x.std(), fmnist.y_train[:16]
 
 
 def hooked_forward(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict]:

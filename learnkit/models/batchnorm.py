@@ -18,6 +18,9 @@ class BatchNorm(nn.Module):
     """
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
         super().__init__()
+        if not isinstance(momentum, (int, float)) or not 0 <= momentum <= 1:
+            raise ValueError(f"BatchNorm: momentum must be a number in [0, 1] (the running statistics' update "
+                             f"weight); got {momentum!r}. nn.BatchNorm's momentum=None (a cumulative average) is not supported")
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
         self.weight = nn.Parameter(torch.ones(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features))

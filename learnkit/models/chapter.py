@@ -18,7 +18,9 @@ def simple_cnn(bn: bool = False, n_out: int = 10, in_ch: int = 1) -> nn.Sequenti
     does, because BN's mean subtraction cancels it (its gradient is zero in training). So the
     1-channel model has 30,282 parameters without BN and 30,412 with it (the chapter's BN version
     has 30,542: the same plus 130 dead biases). PyTorch's default init, as in the chapter, so the
-    chapter's lr experiments behave as described there.
+    chapter's lr experiments behave as described there. Made for 28x28 (32x32 also ends at 1x1):
+    a larger input leaves an h x w grid after the last block, and Flatten then gives n_out*h*w
+    features; the classic models pool globally and take any size.
     """
     widths = [in_ch, 8, 16, 32, 64]
     blocks = [conv(ni, nf, ks=5 if i == 0 else 3, bn=bn) for i, (ni, nf) in enumerate(zip(widths[:-1], widths[1:]))]
