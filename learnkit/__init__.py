@@ -2,6 +2,8 @@
 
 Everything public is importable from here: `from learnkit import Learner, Callback, accuracy, ...`.
 """
+from fastcore.basics import first   # the chapter calls first(dls.valid)
+
 from .callback import (Callback, CancelBackwardException, CancelBatchException, CancelEpochException,
                        CancelFitException, CancelStepException, CancelTrainException, CancelValidException,
                        EVENTS)
@@ -10,8 +12,16 @@ from .callbacks.progress import ProgressCallback
 from .callbacks.recorder import Recorder
 from .callbacks.schedule import (LRFinder, ParamScheduler, SchedCos, SchedExp, SchedLin, SchedNo, SchedPoly,
                                  SuggestedLRs, combine_scheds, combined_cos)
+from .data import (Brightness, CategoryBlock, CenterCrop, Contrast, DataBlock, DataLoaders, Flip, FuncSplitter,
+                   GrandparentSplitter, ImageBlock, IndexSplitter, Normalize, PILImage, PILImageBW, RandomCrop,
+                   RandomResizedCrop, RandomSplitter, RegexLabeller, Resize, Rotate, TfmdDL, aug_transforms,
+                   get_image_files, parent_label)
+from .datasets import fashion_mnist, fashion_mnist_tree
 from .learner import Learner, default_callbacks, default_device
 from .metrics import AvgLoss, AvgMetric, AvgSmoothLoss, Metric, accuracy, error_rate
+from .models import (MODELS, BatchNorm, ConvBN, DepthwiseSeparableConv, Flatten, ResBlock, SEBlock, alexnet, conv,
+                     densenet, get_model, googlenet, init_cnn, lenet, mobilenet, nin, register_model, resnet18,
+                     resnet34, se_resnet, simple_cnn, torchvision_model, vgg)
 from .optimizer import SGD, Adam, OptimWrapper, RMSProp
 
 __version__ = '0.1.0'
