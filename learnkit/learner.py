@@ -15,6 +15,7 @@ from .callbacks.core import GatherPredsCallback, TrainEvalCallback
 from .callbacks.progress import ProgressCallback
 from .callbacks.recorder import Recorder
 from .callbacks import distributed, schedule
+from . import checkpoint
 from .metrics import as_metric
 from .optimizer import Adam, OptimWrapper, as_opt_func
 
@@ -52,7 +53,7 @@ class Learner:
         self.device = torch.device(device) if device is not None else default_device()
         self.opt, self.logger = None, print
         # Loop state, read by callbacks through self.learn (or directly, see Callback.__getattr__).
-        self.training, self.epoch, self.n_epoch, self.start_epoch = False, 0, 1, 0
+        self.training, self.epoch, self.n_epoch, self.start_epoch, self.start_batch = False, 0, 1, 0, 0
         self.iter, self.n_iter, self.train_iter, self.pct_train = 0, 0, 0, 0.
         self.dl, self.xb, self.yb, self.pred, self.loss, self.loss_grad = None, (), (), None, None, None
         self.cbs, self._dispatch = [], DispatchTable()
@@ -155,14 +156,16 @@ class Learner:
         return [lr.stop / 10] * (n - 1) + [lr.stop]
 
     # ---- the loop -------------------------------------------------------------------------------
-    def fit(self, n_epoch, lr=None, wd=None, cbs=None, reset_opt=False, start_epoch=0):
-        "Train for `n_epoch` epochs at a constant `lr` (default `self.lr`), with temporary callbacks `cbs`."
+    def fit(self, n_epoch, lr=None, wd=None, cbs=None, reset_opt=False, start_epoch=0, resume=None):
+        """Train for `n_epoch` epochs at a constant `lr` (default `self.lr`), with temporary callbacks `cbs`.
+        `resume='last'` (or a checkpoint path) continues an interrupted fit exactly; see `ResumeCallback`."""
         lr = self.lr if lr is None else lr
         if lr is None:
             raise ValueError("No learning rate: pass lr to fit (or lr_max to fit_one_cycle), or build "
                              "Learner(..., lr=...). learn.lr_find() suggests one.")
         if not isinstance(n_epoch, int) or n_epoch < 1:
             raise ValueError(f"n_epoch must be a positive int; got {n_epoch!r}")
+        if resume is not None: cbs = _listify(cbs) + [checkpoint.ResumeCallback(resume)]
         with self._run_context(cbs):
             if reset_opt or self.opt is None: self.create_opt()
             if wd is not None: self.opt.set_hyper('wd', wd)
@@ -192,7 +195,8 @@ class Learner:
 
     def _all_batches(self):
         self.n_iter = len(self.dl) if hasattr(self.dl, '__len__') else 0
-        for self.iter, batch in enumerate(self.dl): self._one_batch(batch)
+        start = self.start_batch if self.training else 0   # > 0 only in an epoch resumed mid-way
+        for self.iter, batch in enumerate(self.dl, start): self._one_batch(batch)
 
     def _one_batch(self, batch):
         batch = self._to_device(batch)
@@ -291,15 +295,16 @@ class Learner:
 
     # ---- features: short delegations to their modules --------------------------------------------
     def fit_one_cycle(self, n_epoch, lr_max=None, div=25., div_final=1e5, pct_start=0.25, wd=None, moms=None,
-                      cbs=None, reset_opt=False, start_epoch=0):
+                      cbs=None, reset_opt=False, start_epoch=0, resume=None):
         "1cycle training; see `learnkit.callbacks.schedule.fit_one_cycle`."
         return schedule.fit_one_cycle(self, n_epoch, lr_max, div, div_final, pct_start, wd, moms, cbs,
-                                      reset_opt, start_epoch)
+                                      reset_opt, start_epoch, resume)
 
     def fit_flat_cos(self, n_epoch, lr=None, div_final=1e5, pct_start=0.75, wd=None, cbs=None, reset_opt=False,
-                     start_epoch=0):
+                     start_epoch=0, resume=None):
         "Flat lr, then cosine annealing; see `learnkit.callbacks.schedule.fit_flat_cos`."
-        return schedule.fit_flat_cos(self, n_epoch, lr, div_final, pct_start, wd, cbs, reset_opt, start_epoch)
+        return schedule.fit_flat_cos(self, n_epoch, lr, div_final, pct_start, wd, cbs, reset_opt, start_epoch,
+                                     resume)
 
     def lr_find(self, start_lr=1e-7, end_lr=10, num_it=100, stop_div=True, show_plot=True):
         "The learning-rate finder; returns SuggestedLRs(valley, minimum, steep). Weights are left unchanged."
@@ -308,6 +313,19 @@ class Learner:
     def distrib_ctx(self, timeout=distributed.DEFAULT_TIMEOUT, **ddp_kwargs):
         "Data-parallel training inside a `with` block; see `learnkit.callbacks.distributed.distrib_ctx`."
         return distributed.distrib_ctx(self, timeout, **ddp_kwargs)
+
+    def save(self, name, with_opt=True):
+        "Write the full training state to `path/model_dir/{name}.pth` atomically; see `learnkit.checkpoint`."
+        return checkpoint.save_checkpoint(self, name, with_opt=with_opt)
+
+    def load(self, name, with_opt=True):
+        "Restore what `save` wrote, reading it safely (no unpickling); see `learnkit.checkpoint`."
+        checkpoint.load_checkpoint(self, name, with_opt=with_opt)
+        return self
+
+    def export(self, path='export.pth'):
+        "Write weights, model spec, vocab and normalisation to `path/{path}` for `load_learner`."
+        return checkpoint.export_learner(self, path)
 
     def summary(self):
         "Input shape, each layer's output shape and parameters, totals, optimizer, loss and callbacks."

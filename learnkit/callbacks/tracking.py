@@ -1,0 +1,191 @@
+"""Callbacks that watch training and act on it: keep checkpoints, stop early, stop on a non-finite loss.
+
+`SaveModelCallback` and `EarlyStoppingCallback` read their monitored value from the recorder's row at the
+end of each epoch (`learn.recorder.metric_names` / `learn.recorder.log`), where it has already been read
+from the device. `TerminateOnNaNCallback` checks the loss on the device and reads the result only every
+`check_every` batches, so it adds no host sync to the batch loop.
+"""
+import operator
+import warnings
+
+import torch
+
+from ..callback import Callback, CancelFitException
+from ..checkpoint import epoch_start_state, is_main_process, load_checkpoint, save_checkpoint
+
+__all__ = ['TrackerCallback', 'SaveModelCallback', 'EarlyStoppingCallback', 'TerminateOnNaNCallback']
+
+
+class TrackerCallback(Callback):
+    """Tracks `monitor` (a column of the results table: 'valid_loss', 'train_loss' or a metric's name) and
+    notes each epoch whether it improved by more than `min_delta`. `comp` (e.g. `operator.lt`) says what
+    is better; by default lower for names with 'loss' or 'error' in them, higher otherwise."""
+    order = 61   # after the Recorder (50) has read the epoch's row, and the progress display has shown it
+
+    def __init__(self, monitor='valid_loss', comp=None, min_delta=0.):
+        if comp is None: comp = operator.lt if ('loss' in monitor or 'error' in monitor) else operator.gt
+        self.monitor, self.comp, self.min_delta = monitor, comp, abs(min_delta)
+        self.best, self.improved = None, False
+
+    def before_fit(self):
+        if not hasattr(self.learn, 'recorder'):
+            raise ValueError(f"{type(self).__name__} reads the Recorder's results table, and this Learner has no "
+                             "Recorder: build it with default_cbs=True or add learnkit.Recorder()")
+        names = self.learn.recorder.metric_names
+        if self.monitor not in names[1:]:
+            raise ValueError(f"{type(self).__name__} monitors {self.monitor!r}, which is not a column of the results "
+                             f"table {names[1:]}; pass monitor= one of those (a metric's column is its name)")
+        self.best, self.improved = None, False
+
+    def after_epoch(self):
+        value = self.learn.recorder.log[self.learn.recorder.metric_names.index(self.monitor)]
+        if value is None:
+            raise ValueError(f"{type(self).__name__}: {self.monitor!r} has no value at epoch {self.learn.epoch} "
+                             "(no validation loader?); monitor 'train_loss' instead")
+        delta = -self.min_delta if self.comp is operator.lt else self.min_delta
+        self.improved = self.best is None or self.comp(value - delta, self.best)
+        if self.improved: self.best = value
+
+    def state_dict(self): return {'best': self.best}
+    def load_state_dict(self, state): self.best = state['best']
+
+
+class SaveModelCallback(TrackerCallback):
+    """Checkpoints the full training state (see `learn.save`) under `learn.path/learn.model_dir`:
+
+    - `{fname}.pth` whenever `monitor` improves, or `{fname}_{epoch}.pth` every epoch with `every_epoch=True`;
+    - `{fname}_last.pth` at the end of every epoch and, with `every_n_batches=N`, after every N-th training
+      batch: the point `fit(..., resume='last')` continues from after a crash.
+
+    At the end of a fit (when not `every_epoch`) the best weights are loaded back, as in fastai. With a
+    `TerminateOnNaNCallback` present, no checkpoint is written before the non-finite check has seen every
+    batch so far, so the last checkpoint is always a good one. Only rank 0 of a distributed run writes.
+    """
+    def __init__(self, monitor='valid_loss', comp=None, min_delta=0., fname='model', every_epoch=False,
+                 with_opt=True, every_n_batches=None):
+        super().__init__(monitor, comp, min_delta)
+        if every_n_batches is not None and (not isinstance(every_n_batches, int) or every_n_batches < 1):
+            raise ValueError(f"every_n_batches must be a positive int or None; got {every_n_batches!r}")
+        self.fname, self.every_epoch, self.with_opt, self.every_n_batches = fname, every_epoch, with_opt, every_n_batches
+        self.last_saved, self.saved_best, self._epoch_start = None, False, None
+
+    @property
+    def last_name(self): return f'{self.fname}_last'
+
+    def before_fit(self):
+        super().before_fit()
+        self.saved_best = False
+
+    def before_train(self):
+        # A plain DataLoader draws its epoch order from the RNG now; mid-epoch checkpoints keep that state
+        # so a resumed epoch replays the same order. A resumed epoch began in the interrupted run.
+        if self.every_n_batches is None: return
+        resumed = self.learn.start_batch and hasattr(self.learn, 'resume')
+        self._epoch_start = self.learn.resume.epoch_start if resumed else epoch_start_state(self.learn.dl)
+
+    def after_batch(self):
+        n = self.every_n_batches
+        if n is not None and self.learn.training and (self.learn.iter + 1) % n == 0:
+            self._save(self.last_name, (self.learn.epoch, self.learn.iter + 1))
+
+    def after_epoch(self):
+        if not self.every_epoch: super().after_epoch()
+        at = (self.learn.epoch + 1, 0)
+        self._save(self.last_name, at)
+        if self.every_epoch: self._save(f'{self.fname}_{self.learn.epoch}', at)
+        elif self.improved:
+            self._save(self.fname, at)
+            self.saved_best = True
+
+    def after_fit(self):
+        if not self.every_epoch and self.saved_best:
+            load_checkpoint(self.learn, self.fname, with_opt=self.with_opt, training_state=False)
+
+    def _save(self, name, resume_at):
+        for cb in self.learn.cbs:
+            if isinstance(cb, TerminateOnNaNCallback): cb.check()   # never checkpoint weights a NaN has reached
+        if not is_main_process(): return
+        self.last_saved = save_checkpoint(self.learn, name, self.with_opt, resume_at, self._epoch_start)
+
+
+class EarlyStoppingCallback(TrackerCallback):
+    "Stops the fit when `monitor` has not improved by more than `min_delta` for `patience` epochs."
+    order = TrackerCallback.order + 1   # after SaveModelCallback has saved the epoch
+
+    def __init__(self, monitor='valid_loss', comp=None, min_delta=0., patience=1):
+        super().__init__(monitor, comp, min_delta)
+        if not isinstance(patience, int) or patience < 1: raise ValueError(f"patience must be an int >= 1; got {patience!r}")
+        self.patience, self.wait, self.stopped_epoch = patience, 0, None
+
+    def before_fit(self):
+        super().before_fit()
+        self.wait, self.stopped_epoch = 0, None
+
+    def after_epoch(self):
+        super().after_epoch()
+        self.wait = 0 if self.improved else self.wait + 1
+        if self.wait >= self.patience:
+            self.stopped_epoch = self.learn.epoch
+            print(f"No improvement in {self.monitor} since epoch {self.learn.epoch - self.wait} "
+                  f"(best {self.best:.6g}): early stopping")
+            raise CancelFitException()
+
+    def state_dict(self): return {'best': self.best, 'wait': self.wait}
+
+    def load_state_dict(self, state):
+        self.best, self.wait = state['best'], state['wait']
+
+
+class TerminateOnNaNCallback(Callback):
+    """Stops the fit at the first training batch whose loss is NaN or infinite, names that batch, and puts
+    back the model and optimizer of the last checkpoint `SaveModelCallback` wrote before it.
+
+    Without a host sync per batch: each batch writes `~isfinite(loss)` into a small device buffer, and the
+    buffer is read every `check_every` training batches, at the end of each training epoch, and before any
+    checkpoint is written. Training therefore runs at most `check_every - 1` batches past the bad one; the
+    batch named is still the first bad one. The message is issued as a RuntimeWarning, and kept in
+    `message` with the batch in `bad_batch` = (epoch, batch). Validation losses are not checked.
+    """
+    order, run_valid = 55, False
+
+    def __init__(self, check_every=16):
+        if not isinstance(check_every, int) or check_every < 1:
+            raise ValueError(f"check_every must be a positive int; got {check_every!r}")
+        self.check_every = check_every
+        self._flags, self._where, self.bad_batch, self.message = None, [], None, None
+
+    def before_fit(self):
+        self._flags, self._where, self.bad_batch, self.message = None, [], None, None
+
+    def after_batch(self):
+        loss = self.learn.loss
+        if loss is None: return                          # a batch cancelled before its loss
+        if self._flags is None: self._flags = torch.zeros(self.check_every, dtype=torch.bool, device=loss.device)
+        self._flags[len(self._where)] = ~torch.isfinite(loss).all()
+        self._where.append((self.learn.epoch, self.learn.iter))
+        if len(self._where) == self.check_every: self.check()
+
+    def after_train(self): self.check()
+
+    def check(self):
+        "Read the flags of the batches since the last check (one host transfer); stop the fit if one is set."
+        if not self._where: return
+        flags, where, self._where = self._flags[:len(self._where)].tolist(), self._where, []  # sync-ok: every check_every batches
+        bad = [w for w, f in zip(where, flags) if f]
+        if bad: self._stop(bad[0], len(where) - where.index(bad[0]) - 1)
+
+    def _stop(self, bad_batch, n_after):
+        self.bad_batch = bad_batch
+        epoch, batch = bad_batch
+        saver = next((cb for cb in self.learn.cbs if isinstance(cb, SaveModelCallback) and cb.last_saved), None)
+        if saver is not None:
+            load_checkpoint(self.learn, saver.last_saved, with_opt=saver.with_opt, training_state=False)
+            kept = f"Restored the model and optimizer from {saver.last_saved}, the last checkpoint before it."
+        else:
+            kept = ("No checkpoint was written before it, so the weights may now hold NaN/inf: add "
+                    "SaveModelCallback(every_n_batches=N) to keep a good one.")
+        self.message = (f"TerminateOnNaN: the training loss was NaN or infinite at epoch {epoch}, batch {batch} (the "
+                        f"first such batch; the fit stopped {n_after} batch(es) later). {kept} Likely causes: a "
+                        "learning rate too high, or NaN/inf in the inputs or targets.")
+        warnings.warn(self.message, RuntimeWarning, stacklevel=2)
+        raise CancelFitException()
