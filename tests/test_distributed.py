@@ -62,7 +62,8 @@ def test_both_ranks_finish_and_only_rank0_writes_and_shows(ddp_run):
     assert [r['rank'] for r in results] == [0, 1] and all(r['world_size'] == 2 for r in results)
     assert sorted(p.name for p in (out / 'rank0').rglob('*') if p.is_file()) == ['history.csv', 'model_0.pth', 'model_last.pth']
     assert not any((out / 'rank1').rglob('*')), "rank 1 must write no checkpoint or log"
-    assert stdout.count('train_loss') == 1, "only rank 0 prints the results table"
+    # Two fits print a results table (the test's and the CLI's), each once: only rank 0 shows progress.
+    assert stdout.count('train_loss') == 2, stdout
     assert all(r['model_type'] == 'Sequential' for r in results), "learn.model is unwrapped after fit"
 
 
@@ -124,6 +125,17 @@ def test_activation_stats_combine_to_the_concatenated_batch(ddp_run, fmnist):
             assert stats['hist'][i] == pytest.approx(torch.histc(a, 40, -10, 10).tolist(), abs=1e-3)
 
 
+def test_learnkit_train_runs_under_torchrun(ddp_run):
+    "The CLI, unchanged, with BatchNorm: every rank ends with rank 0's running statistics, so each rank alone "
+    "validates the final weights to the accuracy the job reported."
+    out, results, _ = ddp_run
+    assert {'config.json', 'metrics.csv', 'model.pt'} <= {p.name for p in (out / 'run').iterdir()}
+    for r in results:
+        (train_loss, valid_loss, acc), = r['cli_values']
+        assert r['cli_alone'][1] == pytest.approx(acc, abs=1e-6) and r['cli_alone'][0] == pytest.approx(valid_loss, rel=1e-5)
+    assert results[0]['cli_alone'] == results[1]['cli_alone']
+
+
 def test_a_rank_that_raises_stops_the_whole_job_with_its_error(tmp_path):
     start = time.monotonic()
     proc = _torchrun('fail', tmp_path, timeout=120)  # a hang would raise TimeoutExpired and fail the test
@@ -139,6 +151,7 @@ def _train_worker(out):
     from learnkit.callbacks.distributed import num_distrib, rank_distrib
     from learnkit.callbacks.logging import CSVLogger
     from learnkit.callbacks.tracking import SaveModelCallback
+    from learnkit.cli import build_parser, train
     from learnkit.datasets import fashion_mnist
     rank, world = rank_distrib(), num_distrib()
     fm = fashion_mnist()
@@ -163,6 +176,13 @@ def _train_worker(out):
     with stats_learn.no_logging(): stats_learn.fit(1, lr=0.)
     stats = stats_learn.activation_stats.stats
     result['activation_stats'] = {k: stats[k][0].tolist() for k in ('mean', 'std', 'near_zero', 'hist')}
+
+    # The command line, as `torchrun -m learnkit train` runs it (simple_cnn with BatchNorm), then a validation
+    # of its final weights on the whole validation set by this rank alone.
+    cli = train(build_parser().parse_args(['train', '--epochs', '1', '--n-train', str(N_TRAIN), '--n-valid',
+                                           str(N_VALID), '--bs', str(BS // world), '--out', str(out / 'run')]))
+    result['cli_values'] = cli.recorder.values
+    with cli.removed_cbs(cli.distributed): result['cli_alone'] = cli.validate()
     (out / f'result_rank{rank}.json').write_text(json.dumps(result))
 
 

@@ -52,9 +52,8 @@ from .schedule import LRFinder
 
 __all__ = ['DEFAULT_TIMEOUT', 'rank_distrib', 'num_distrib', 'local_rank_distrib', 'is_rank0', 'rank0_only',
            'launched_distributed', 'local_device', 'setup_distrib', 'teardown_distrib', 'unwrap_model',
-           'all_reduce_sum', 'all_reduce_mean', 'broadcast', 'broadcast_int', 'gather_interleaved', 'reduce_activation_records',
-           'DistributedCallback',
-           'distrib_ctx', 'torchrun_callbacks']
+           'all_reduce_sum', 'all_reduce_mean', 'broadcast', 'broadcast_int', 'gather_interleaved',
+           'reduce_activation_records', 'DistributedCallback', 'distrib_ctx', 'torchrun_callbacks']
 
 # A collective that waits longer than this for a peer raises instead of hanging (checkpoint writes on rank 0
 # take seconds, so minutes leave a wide margin).
@@ -123,8 +122,10 @@ def setup_distrib(device=None, timeout=DEFAULT_TIMEOUT):
         raise RuntimeError(f"Distributed training needs the environment torchrun sets; {', '.join(missing)} "
                            "missing. Launch with `torchrun --nproc_per_node=N script.py`.")
     device = local_device(device)
-    if device.type == 'cuda': torch.cuda.set_device(device)
-    dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo', timeout=timeout)
+    if device.type != 'cuda': dist.init_process_group('gloo', timeout=timeout)
+    else:
+        torch.cuda.set_device(device)
+        dist.init_process_group('nccl', timeout=timeout, device_id=device)
     return True
 
 
@@ -226,7 +227,7 @@ def _combine_noise_scale(cb, start):
 
 # Statistics callbacks whose records differ per rank, and how to combine one epoch of rows across ranks.
 # (GradientStats needs nothing: DDP has averaged the gradients before anyone reads them.)
-RANK_RECORDS = {ActivationStats: _combine_activation_stats, GradientNoiseScale: _combine_noise_scale}
+_RANK_RECORDS = {ActivationStats: _combine_activation_stats, GradientNoiseScale: _combine_noise_scale}
 
 
 # ---- sharding loaders --------------------------------------------------------------------------------------------
@@ -308,8 +309,12 @@ class DistributedCallback(Callback):
         if not isinstance(learn.model, DistributedDataParallel):
             dev = learn.device
             kwargs = {'device_ids': [dev.index]} if dev.type == 'cuda' else {}
-            # DDP copies rank 0's weights and buffers to every rank here, so all ranks start equal.
-            learn.model = DistributedDataParallel(learn.model, **kwargs, **self.ddp_kwargs)
+            # DDP copies rank 0's weights and buffers to every rank here, so all ranks start equal. Buffers
+            # (BatchNorm's running statistics) are then broadcast once per epoch, at after_train, rather than
+            # before every forward as DDP does by default: training forwards do not read them, and the
+            # per-forward broadcast cost a fifth of the throughput of a small CNN on a GPU.
+            kwargs = {**kwargs, 'broadcast_buffers': False, **self.ddp_kwargs}
+            learn.model = DistributedDataParallel(learn.model, **kwargs)
         if any(isinstance(cb, LRFinder) for cb in learn.cbs):
             # lr_find sized its fit from the unsharded loader; a rank's shard has 1/world_size of the batches,
             # so give the finder enough epochs to reach its num_it batches (it stops itself there).
@@ -318,10 +323,11 @@ class DistributedCallback(Callback):
     def before_train(self):
         self.learn.dl = self._shard(self.learn.dl)
         self._record_starts = [(cb, combine, len(cb._log)) for cb in self.learn.cbs
-                               for cls, combine in RANK_RECORDS.items() if isinstance(cb, cls)]
+                               for cls, combine in _RANK_RECORDS.items() if isinstance(cb, cls)]
 
     def after_train(self):
         self._unshard(self.learn.dl)
+        for buf in unwrap_model(self.learn.model).buffers(): buf.copy_(broadcast(buf))  # rank 0's, for validation
         # One combine per statistics callback per epoch, before anything reads the epoch's records.
         for cb, combine, start in self._record_starts:
             if len(cb._log) > start: combine(cb, start)
@@ -342,7 +348,11 @@ class DistributedCallback(Callback):
         if learn.training:
             # The loss of the global batch, on every rank (see the module docstring); grads are DDP's business.
             if learn.loss is not None: learn.loss = all_reduce_mean(learn.loss)
-        else: self._valid_batches.append((learn.pred.detach(), *learn.yb))
+        elif isinstance(learn.pred, torch.Tensor): self._valid_batches.append((learn.pred.detach(), *learn.yb))
+        else:
+            raise TypeError(f"DistributedCallback gathers the validation predictions across ranks, so they must be "
+                            f"one tensor; the model returned {type(learn.pred).__name__}. Return a tensor, or "
+                            "validate in one process (outside torchrun)")
 
     def after_validate(self):
         self._gather_validation()
