@@ -9,7 +9,10 @@ What the callback does, and the choices behind it:
 - Process group: joined on first use (nccl for CUDA devices, gloo for the CPU), with a timeout, so a rank that
   waits for a dead peer fails instead of hanging (torchrun also stops every rank when one fails).
 - Model: wrapped in `DistributedDataParallel` for fit, on this rank's device (cuda:LOCAL_RANK), and unwrapped
-  in `cleanup_fit` however fit ends, so `learn.model` is the plain module outside fit.
+  in `cleanup_fit` however fit ends, so `learn.model` is the plain module outside fit. Buffers (BatchNorm's
+  running statistics) are broadcast from rank 0 once per epoch, after training, instead of before every
+  forward (DDP's default, `broadcast_buffers=True`, still available through `ddp_kwargs`): training forwards
+  do not read them, and validation and checkpoints then see rank 0's on every rank.
 - Data: each phase iterates this rank's shard. learnkit loaders shard themselves (`dl.shard(rank, world_size)`),
   with the shuffle seed broadcast from rank 0 so the shards of one epoch are disjoint; plain torch DataLoaders
   are rebuilt around a `DistributedSampler`. Every rank gets as many items (the shard is padded by repeating
@@ -26,6 +29,9 @@ What the callback does, and the choices behind it:
   (total, count) pairs because it needs no knowledge of each metric's internals and masks the padding
   exactly; its cost is one gather of the predictions (n_valid x n_outputs values) per validation.
   `get_preds` returns the gathered predictions on every rank.
+- Statistics: ActivationStats (sums, sums of squares, counts, histograms) and GradientNoiseScale records are
+  combined across ranks at the end of each epoch's training, GradientStats' dead-unit windows as they close,
+  so every rank reads the statistics of the global batches.
 - Display: only rank 0 shows the progress bar and per-epoch lines. Callbacks that write files (checkpoints,
   CSV, TensorBoard) or print reports check `is_rank0()` (or decorate the method with `rank0_only`).
 
@@ -47,12 +53,13 @@ from ..callback import Callback, noop
 from .activations import _HIST, _NHIST, _NUMEL, _SHIFT, _SUM, _SUMSQ, ActivationStats
 from .batch_size import GradientNoiseScale
 from .core import GatherPredsCallback
+from .gradients import GradientStats
 from .progress import ProgressCallback
 from .schedule import LRFinder
 
 __all__ = ['DEFAULT_TIMEOUT', 'rank_distrib', 'num_distrib', 'local_rank_distrib', 'is_rank0', 'rank0_only',
            'launched_distributed', 'local_device', 'setup_distrib', 'teardown_distrib', 'unwrap_model',
-           'all_reduce_sum', 'all_reduce_mean', 'broadcast', 'broadcast_int', 'gather_interleaved',
+           'all_reduce_sum', 'all_reduce_max', 'all_reduce_mean', 'broadcast', 'broadcast_int', 'gather_interleaved',
            'reduce_activation_records', 'DistributedCallback', 'distrib_ctx', 'torchrun_callbacks']
 
 # A collective that waits longer than this for a peer raises instead of hanging (checkpoint writes on rank 0
@@ -145,11 +152,20 @@ def _comm_device(t):
     return torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else t.device
 
 
+def _all_reduce(t, op):
+    out = t.detach().to(_comm_device(t), copy=True)
+    dist.all_reduce(out, op=op)
+    return out.to(t.device)
+
+
 def all_reduce_sum(t):
     "The sum of `t` over all ranks, as a new tensor on `t`'s device (no host read)."
-    out = t.detach().to(_comm_device(t), copy=True)
-    dist.all_reduce(out)
-    return out.to(t.device)
+    return _all_reduce(t, dist.ReduceOp.SUM)
+
+
+def all_reduce_max(t):
+    "The elementwise max of `t` over all ranks, as a new tensor on `t`'s device."
+    return _all_reduce(t, dist.ReduceOp.MAX)
 
 
 def all_reduce_mean(t):
@@ -225,8 +241,15 @@ def _combine_noise_scale(cb, start):
     if cb._ema is not None: cb._ema = all_reduce_mean(cb._ema)
 
 
+def _combine_dead_units(cb):
+    "A ReLU channel is dead only if no rank saw it positive: each running channel max becomes the max over ranks."
+    for running_max in cb._relu_max:
+        if running_max is not None: running_max.copy_(all_reduce_max(running_max))
+
+
 # Statistics callbacks whose records differ per rank, and how to combine one epoch of rows across ranks.
-# (GradientStats needs nothing: DDP has averaged the gradients before anyone reads them.)
+# GradientStats' norms and update ratios need nothing (DDP has averaged the gradients before anyone reads
+# them); its dead-unit windows are combined as they close (`_combine_dead_units`).
 _RANK_RECORDS = {ActivationStats: _combine_activation_stats, GradientNoiseScale: _combine_noise_scale}
 
 
@@ -270,7 +293,7 @@ class DistributedCallback(Callback):
     def __init__(self, timeout=DEFAULT_TIMEOUT, **ddp_kwargs):
         self.timeout, self.ddp_kwargs = timeout, ddp_kwargs
         self._active, self._sharded, self._rebuilt, self._muted, self._saved_logger = False, [], {}, [], None
-        self._valid_batches, self._record_starts = [], []
+        self._valid_batches, self._record_starts, self._gradient_stats = [], [], []
 
     @property
     def rank(self): return rank_distrib()
@@ -315,6 +338,7 @@ class DistributedCallback(Callback):
             # per-forward broadcast cost a fifth of the throughput of a small CNN on a GPU.
             kwargs = {**kwargs, 'broadcast_buffers': False, **self.ddp_kwargs}
             learn.model = DistributedDataParallel(learn.model, **kwargs)
+        self._gradient_stats = [cb for cb in learn.cbs if isinstance(cb, GradientStats)]
         if any(isinstance(cb, LRFinder) for cb in learn.cbs):
             # lr_find sized its fit from the unsharded loader; a rank's shard has 1/world_size of the batches,
             # so give the finder enough epochs to reach its num_it batches (it stops itself there).
@@ -332,7 +356,13 @@ class DistributedCallback(Callback):
         for cb, combine, start in self._record_starts:
             if len(cb._log) > start: combine(cb, start)
 
+    def after_batch(self):
+        for cb in self._gradient_stats:  # a dead-unit window closes in this batch's GradientStats.after_batch
+            if cb._active and cb._in_window + 1 == cb.dead_window: _combine_dead_units(cb)
+
     def after_fit(self):
+        for cb in self._gradient_stats:  # the last, partial window closes in GradientStats.after_fit
+            if cb._in_window: _combine_dead_units(cb)
         # Rank 0 may still be writing the last epoch's files (checkpoints) that the others are about to read
         # (SaveModelCallback loads the best weights back): wait for it.
         dist.barrier()
