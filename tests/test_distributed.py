@@ -149,6 +149,18 @@ def test_a_rank_that_raises_stops_the_whole_job_with_its_error(tmp_path):
     assert time.monotonic() - start < 120
 
 
+def test_outside_torchrun_distrib_ctx_does_nothing_and_the_callback_says_how_to_launch(fmnist, monkeypatch):
+    from learnkit.callbacks.distributed import DistributedCallback
+    for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'): monkeypatch.delenv(k, raising=False)
+    learn = _learner(_dls(fmnist, BS, n_train=256, n_valid=64), _model())
+    assert not any(isinstance(cb, DistributedCallback) for cb in learn.cbs)
+    with learn.no_bar(), learn.distrib_ctx():  # the same script runs in one process
+        assert not any(isinstance(cb, DistributedCallback) for cb in learn.cbs)
+        learn.fit(1)
+    with pytest.raises(RuntimeError, match='torchrun --nproc_per_node'): learn.validate(cbs=DistributedCallback())
+    assert type(learn.model) is nn.Sequential
+
+
 # ---- what each rank runs under torchrun -----------------------------------------------------------------------
 def _train_worker(out):
     from learnkit.callbacks.activations import ActivationStats

@@ -11,8 +11,9 @@ What the callback does, and the choices behind it:
 - Model: wrapped in `DistributedDataParallel` for fit, on this rank's device (cuda:LOCAL_RANK), and unwrapped
   in `cleanup_fit` however fit ends, so `learn.model` is the plain module outside fit. Buffers (BatchNorm's
   running statistics) are broadcast from rank 0 once per epoch, after training, instead of before every
-  forward (DDP's default, `broadcast_buffers=True`, still available through `ddp_kwargs`): training forwards
-  do not read them, and validation and checkpoints then see rank 0's on every rank.
+  forward: training forwards do not read them, and validation and checkpoints then see rank 0's on every
+  rank. DDP's per-forward broadcast stays available through `ddp_kwargs` (`forward_sync_buffers=True`, or
+  `broadcast_buffers=True` before torch 2.14), for models whose training forward reads a buffer.
 - Data: each phase iterates this rank's shard. learnkit loaders shard themselves (`dl.shard(rank, world_size)`),
   with the shuffle seed broadcast from rank 0 so the shards of one epoch are disjoint; plain torch DataLoaders
   are rebuilt around a `DistributedSampler`. Every rank gets as many items (the shard is padded by repeating
@@ -42,7 +43,7 @@ import atexit
 import contextlib
 import datetime
 import functools
-import math
+import inspect
 import os
 
 import torch
@@ -279,6 +280,11 @@ def _distributed_torch_loader(dl, rank, world_size, seed):
                       prefetch_factor=dl.prefetch_factor, persistent_workers=dl.persistent_workers)
 
 
+# DDP's option that turns off the buffer broadcast before each forward (renamed in torch 2.14; the old name warns).
+_NO_FORWARD_BUFFER_SYNC = ('forward_sync_buffers' if 'forward_sync_buffers' in
+                           inspect.signature(DistributedDataParallel.__init__).parameters else 'broadcast_buffers')
+
+
 # ---- the callback ------------------------------------------------------------------------------------------------
 class DistributedCallback(Callback):
     """Data-parallel training across the processes torchrun started (see the module docstring for what it does).
@@ -336,7 +342,7 @@ class DistributedCallback(Callback):
             # (BatchNorm's running statistics) are then broadcast once per epoch, at after_train, rather than
             # before every forward as DDP does by default: training forwards do not read them, and the
             # per-forward broadcast cost a fifth of the throughput of a small CNN on a GPU.
-            kwargs = {**kwargs, 'broadcast_buffers': False, **self.ddp_kwargs}
+            kwargs = {**kwargs, _NO_FORWARD_BUFFER_SYNC: False, **self.ddp_kwargs}
             learn.model = DistributedDataParallel(learn.model, **kwargs)
         self._gradient_stats = [cb for cb in learn.cbs if isinstance(cb, GradientStats)]
         if any(isinstance(cb, LRFinder) for cb in learn.cbs):
