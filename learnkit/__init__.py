@@ -7,6 +7,8 @@ from fastcore.basics import first   # the chapter calls first(dls.valid)
 from .callback import (Callback, CancelBackwardException, CancelBatchException, CancelEpochException,
                        CancelFitException, CancelStepException, CancelTrainException, CancelValidException,
                        EVENTS)
+from .callbacks.distributed import (DistributedCallback, distrib_ctx, is_rank0, num_distrib, rank0_only,
+                                    rank_distrib, unwrap_model)
 from .callbacks.core import GatherPredsCallback, TrainEvalCallback
 from .callbacks.progress import ProgressCallback
 from .callbacks.recorder import Recorder

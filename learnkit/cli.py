@@ -21,7 +21,8 @@ def build_parser():
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     t.add_argument('--epochs', type=int, default=5, help='number of epochs')
     t.add_argument('--lr', type=float, default=0.1, help='learning rate (the peak lr with --one-cycle)')
-    t.add_argument('--bs', type=int, default=64, help='training batch size')
+    t.add_argument('--bs', type=int, default=64,
+                   help='training batch size per process (under torchrun the global batch is bs x processes)')
     t.add_argument('--bn', action=argparse.BooleanOptionalAction, default=True,
                    help='batchnorm after every conv (the chapter\'s remedy for unstable training)')
     t.add_argument('--one-cycle', action=argparse.BooleanOptionalAction, default=True,
@@ -41,6 +42,7 @@ def train(args):
     import torch
     from torch import nn
 
+    from .callbacks.distributed import is_rank0
     from .data import DataLoaders, Normalize
     from .datasets import fashion_mnist
     from .learner import Learner
@@ -57,15 +59,16 @@ def train(args):
                                    vocab=data.classes, seed=args.seed)
     learn = Learner(dls, simple_cnn(bn=args.bn), loss_func=nn.CrossEntropyLoss(), metrics=accuracy)
     out = args.out
-    (out / 'plots').mkdir(parents=True, exist_ok=True)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != 'command'}
-    (out / 'config.json').write_text(json.dumps(config, indent=2) + '\n')
-    print(f"simple_cnn(bn={args.bn}) on Fashion-MNIST: {len(x_train)} train / {len(x_valid)} valid images, "
-          f"bs {args.bs}, {'fit_one_cycle' if args.one_cycle else 'fit'}({args.epochs}, {args.lr}), "
-          f"device {learn.device}", flush=True)
+    if is_rank0():                      # under torchrun only rank 0 writes and prints
+        (out / 'plots').mkdir(parents=True, exist_ok=True)
+        (out / 'config.json').write_text(json.dumps(config, indent=2) + '\n')
+        print(f"simple_cnn(bn={args.bn}) on Fashion-MNIST: {len(x_train)} train / {len(x_valid)} valid images, "
+              f"bs {args.bs}, {'fit_one_cycle' if args.one_cycle else 'fit'}({args.epochs}, {args.lr}), "
+              f"device {learn.device}", flush=True)
     if args.one_cycle: learn.fit_one_cycle(args.epochs, args.lr)
     else: learn.fit(args.epochs, args.lr)
-    write_run(learn, out)
+    if is_rank0(): write_run(learn, out)
     return learn
 
 
