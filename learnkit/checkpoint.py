@@ -229,7 +229,7 @@ def read_checkpoint(file, expected=CHECKPOINT_FORMAT):
                 EXPORT_FORMAT: 'an exported learner (read it with load_learner)'}.get(kind, 'not a learnkit file')
         want = 'learn.save' if expected == CHECKPOINT_FORMAT else 'learn.export'
         raise CheckpointError(f"{file} is {what}; this needs a file written by {want}")
-    if state['version'] > VERSION:
+    if state.get('version', VERSION + 1) > VERSION:
         raise CheckpointError(f"{file} was written by a newer learnkit (format version {state['version']}); "
                               "upgrade learnkit to read it")
     return state
@@ -238,7 +238,9 @@ def read_checkpoint(file, expected=CHECKPOINT_FORMAT):
 def load_checkpoint(learn, name, with_opt=True, training_state=True):
     """Restore the checkpoint `name` (see `checkpoint_file`) into `learn`: the model, the optimizer (`with_opt`)
     and, with `training_state`, the loop position, the callbacks' states, the RNG states and the training
-    loader's order. Callbacks not attached to `learn` now (such as those passed to one fit) are skipped."""
+    loader's order (a learnkit loader goes on with the epoch after the one saved; a plain DataLoader gets its
+    generator's state back). Callbacks not attached to `learn` now (such as those passed to one fit) are
+    skipped: `fit(..., resume=...)` restores them too."""
     file = checkpoint_file(learn, name)
     restore(learn, read_checkpoint(file), file, with_opt, training_state)
     return file

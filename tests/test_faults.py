@@ -244,5 +244,60 @@ def test_targets_out_of_range_or_float_get_clear_errors(fmnist):
         learn.fit(1, 1e-2)
 
 
+# ---- on a GPU -----------------------------------------------------------------------------------------------
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+
+
+def cuda_dls(fm, x, n_valid=256, bs=64):
+    "learnkit loaders with the images cached on the GPU, shuffled with seed 0, flipped at random."
+    from learnkit.data import Flip
+    return DataLoaders.from_tensors(x, fm.y_train[:len(x)], fm.x_valid[:n_valid], fm.y_valid[:n_valid], bs=bs,
+                                    batch_tfms=[Flip()], device='cuda', seed=0)
+
+
+@cuda
+def test_nan_guard_adds_no_sync_on_cuda_and_names_the_first_bad_batch(fmnist):
+    from test_gpu_speed import SyncCheck
+    x = fmnist.x_train[:4096].float().div(255).unsqueeze(1)
+    dls = cuda_dls(fmnist, x)
+    position = dls.train.order(0).tolist().index(2500)     # where image 2500 falls in epoch 0
+    x[2500] = float('nan')
+    dls = cuda_dls(fmnist, x)
+    torch.manual_seed(0)
+    learn = Learner(dls, tiny_cnn(), loss_func=nn.CrossEntropyLoss(), device='cuda')
+    guard = TerminateOnNaNCallback(check_every=8)
+    with learn.no_bar(), learn.no_logging(), pytest.warns(RuntimeWarning, match='TerminateOnNaN'):
+        learn.fit(2, 1e-2, cbs=[SyncCheck(), guard])       # SyncCheck: any host sync in a batch raises
+    assert guard.bad_batch == (0, position // 64) and learn.recorder.logs == []
+
+
+@cuda
+def test_resume_on_cuda_equals_an_uninterrupted_fit(fmnist, tmp_path, monkeypatch):
+    "Dropout and flips draw from the CUDA RNG, which the checkpoint keeps too."
+    monkeypatch.setenv('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+    torch.use_deterministic_algorithms(True)
+    try:
+        x = fmnist.x_train[:640]
+
+        def fit(folder, cbs=(), resume=None, seed=0):
+            learn = fault_learner(fmnist, folder, device='cuda')
+            learn.dls = cuda_dls(fmnist, x)
+            torch.manual_seed(seed)                        # a resumed process starts from other RNG states
+            with learn.no_bar(), learn.no_logging():
+                learn.fit_one_cycle(3, 1e-2, cbs=[SaveModelCallback(every_n_batches=3), *cbs], resume=resume)
+            return learn
+
+        class Crash(Callback):
+            def after_batch(self):
+                if self.learn.training and (self.learn.epoch, self.learn.iter) == (1, 4): raise Fault('crash')
+        ref = fit(tmp_path / 'ref')
+        with pytest.raises(Fault): fit(tmp_path / 'run', [Crash()])
+        resumed = fit(tmp_path / 'run', resume='last', seed=1)
+        want, got = ref.model.state_dict(), resumed.model.state_dict()
+        assert all(torch.equal(want[k], got[k]) for k in want)
+        assert resumed.recorder.values == ref.recorder.values
+    finally: torch.use_deterministic_algorithms(False)
+
+
 if __name__ == '__main__':
     train_process(Path(sys.argv[1]), sys.argv[2])

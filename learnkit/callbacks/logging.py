@@ -34,11 +34,15 @@ class CSVLogger(Callback):
     def after_epoch(self):
         if not is_main_process(): return
         rec = self.learn.recorder
-        if self._file is not None: return self._write([rec.log])
+        if self._file is None: self._open(rec)
+        else: self._write([rec.log])
+
+    def _open(self, rec):
+        "At the fit's first epoch end: write the header and this fit's rows so far (all of them, when resumed)."
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fresh = not self.append or not self.path.exists() or self.path.stat().st_size == 0
         self._file = open(self.path, 'a' if self.append else 'w', newline='')
-        self._write(([rec.metric_names] if fresh else []) + (rec.logs if not self.append else [rec.log]))
+        self._write(([rec.metric_names] if fresh else []) + ([rec.log] if self.append else rec.logs))
 
     def _write(self, rows):
         csv.writer(self._file).writerows(rows)

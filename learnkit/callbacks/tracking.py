@@ -42,7 +42,8 @@ class TrackerCallback(Callback):
         if value is None:
             raise ValueError(f"{type(self).__name__}: {self.monitor!r} has no value at epoch {self.learn.epoch} "
                              "(no validation loader?); monitor 'train_loss' instead")
-        delta = -self.min_delta if self.comp is operator.lt else self.min_delta
+        lower_is_better = self.comp(0., 1.)
+        delta = -self.min_delta if lower_is_better else self.min_delta
         self.improved = self.best is None or self.comp(value - delta, self.best)
         if self.improved: self.best = value
 
@@ -93,19 +94,19 @@ class SaveModelCallback(TrackerCallback):
         at = (self.learn.epoch + 1, 0)
         self._save(self.last_name, at)
         if self.every_epoch: self._save(f'{self.fname}_{self.learn.epoch}', at)
-        elif self.improved:
-            self._save(self.fname, at)
-            self.saved_best = True
+        elif self.improved: self.saved_best = self._save(self.fname, at) or self.saved_best
 
     def after_fit(self):
         if not self.every_epoch and self.saved_best:
             load_checkpoint(self.learn, self.fname, with_opt=self.with_opt, training_state=False)
 
     def _save(self, name, resume_at):
+        "Write a checkpoint (rank 0 only); True if written."
         for cb in self.learn.cbs:
             if isinstance(cb, TerminateOnNaNCallback): cb.check()   # never checkpoint weights a NaN has reached
-        if not is_main_process(): return
+        if not is_main_process(): return False
         self.last_saved = save_checkpoint(self.learn, name, self.with_opt, resume_at, self._epoch_start)
+        return True
 
 
 class EarlyStoppingCallback(TrackerCallback):
@@ -140,11 +141,14 @@ class TerminateOnNaNCallback(Callback):
     """Stops the fit at the first training batch whose loss is NaN or infinite, names that batch, and puts
     back the model and optimizer of the last checkpoint `SaveModelCallback` wrote before it.
 
-    Without a host sync per batch: each batch writes `~isfinite(loss)` into a small device buffer, and the
-    buffer is read every `check_every` training batches, at the end of each training epoch, and before any
-    checkpoint is written. Training therefore runs at most `check_every - 1` batches past the bad one; the
-    batch named is still the first bad one. The message is issued as a RuntimeWarning, and kept in
-    `message` with the batch in `bad_batch` = (epoch, batch). Validation losses are not checked.
+    Without a host sync in the batch loop: each batch writes `~isfinite(loss)` into a small device buffer.
+    Every `check_every` batches the buffer is copied to pinned host memory without waiting (on a GPU), and
+    the copy is read at a later batch once the device has made it; on the CPU it is read at once. So the fit
+    stops at most `check_every` batches (plus the GPU's queue) after the bad one, and the batch it names is
+    still the first bad one. At the end of each training epoch, and before any checkpoint is written, every
+    flag so far is read (waiting for the device), so no checkpoint holds weights a bad batch has touched.
+    The message is issued as a RuntimeWarning and kept in `message`, the batch in `bad_batch` = (epoch,
+    batch). Validation losses are not checked.
     """
     order, run_valid = 55, False
 
@@ -152,31 +156,55 @@ class TerminateOnNaNCallback(Callback):
         if not isinstance(check_every, int) or check_every < 1:
             raise ValueError(f"check_every must be a positive int; got {check_every!r}")
         self.check_every = check_every
-        self._flags, self._where, self.bad_batch, self.message = None, [], None, None
+        self.before_fit()
 
     def before_fit(self):
-        self._flags, self._where, self.bad_batch, self.message = None, [], None, None
+        self._flags, self._where, self._reads, self._seen = None, [], [], 0
+        self.bad_batch = self.message = None
 
     def after_batch(self):
         loss = self.learn.loss
         if loss is None: return                          # a batch cancelled before its loss
         if self._flags is None: self._flags = torch.zeros(self.check_every, dtype=torch.bool, device=loss.device)
         self._flags[len(self._where)] = ~torch.isfinite(loss).all()
-        self._where.append((self.learn.epoch, self.learn.iter))
-        if len(self._where) == self.check_every: self.check()
+        self._where.append((self.learn.epoch, self.learn.iter, self._seen))
+        self._seen += 1
+        if len(self._where) == self.check_every: self._send()
+        self._receive(wait=False)
 
     def after_train(self): self.check()
 
     def check(self):
-        "Read the flags of the batches since the last check (one host transfer); stop the fit if one is set."
-        if not self._where: return
-        flags, where, self._where = self._flags[:len(self._where)].tolist(), self._where, []  # sync-ok: every check_every batches
-        bad = [w for w, f in zip(where, flags) if f]
-        if bad: self._stop(bad[0], len(where) - where.index(bad[0]) - 1)
+        "Read every flag so far, waiting for the device; stop the fit if one is set."
+        if self._where: self._send()
+        self._receive(wait=True)
 
-    def _stop(self, bad_batch, n_after):
-        self.bad_batch = bad_batch
-        epoch, batch = bad_batch
+    def _send(self):
+        "Start reading the filled flags to the host; later batches write into a fresh buffer meanwhile."
+        flags, n = self._flags, len(self._where)
+        if flags.is_cuda:
+            host = torch.empty(n, dtype=torch.bool, pin_memory=True)
+            host.copy_(flags[:n], non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+            self._flags = torch.zeros_like(flags)
+        else: host, copied = flags[:n].clone(), None
+        self._reads.append((host, copied, self._where))
+        self._where = []
+
+    def _receive(self, wait):
+        "Look at the copies the device has finished (all of them with `wait`), oldest first."
+        while self._reads:
+            host, copied, where = self._reads[0]
+            if copied is not None and not copied.query():
+                if not wait: return
+                copied.synchronize()  # sync-ok: epoch end or before a checkpoint
+            self._reads.pop(0)
+            bad = [w for w, flag in zip(where, host.tolist()) if flag]
+            if bad: self._stop(*bad[0])
+
+    def _stop(self, epoch, batch, seen):
+        self.bad_batch = (epoch, batch)
         saver = next((cb for cb in self.learn.cbs if isinstance(cb, SaveModelCallback) and cb.last_saved), None)
         if saver is not None:
             load_checkpoint(self.learn, saver.last_saved, with_opt=saver.with_opt, training_state=False)
@@ -185,7 +213,7 @@ class TerminateOnNaNCallback(Callback):
             kept = ("No checkpoint was written before it, so the weights may now hold NaN/inf: add "
                     "SaveModelCallback(every_n_batches=N) to keep a good one.")
         self.message = (f"TerminateOnNaN: the training loss was NaN or infinite at epoch {epoch}, batch {batch} (the "
-                        f"first such batch; the fit stopped {n_after} batch(es) later). {kept} Likely causes: a "
-                        "learning rate too high, or NaN/inf in the inputs or targets.")
+                        f"first such batch; the fit stopped {self._seen - seen - 1} batch(es) later). {kept} Likely "
+                        "causes: a learning rate too high, or NaN/inf in the inputs or targets.")
         warnings.warn(self.message, RuntimeWarning, stacklevel=2)
         raise CancelFitException()
