@@ -50,7 +50,7 @@ class SignalThenDawdle(Callback):
     def after_batch(self):
         if self.learn.training and self.learn.epoch == 1 and self.learn.iter >= 2:
             Path(self.marker).touch()
-            time.sleep(0.2)
+            time.sleep(0.5)
 
 
 def train_process(folder, mode):
