@@ -14,7 +14,7 @@ from .callback import CANCEL_EXCEPTIONS, Callback, DispatchTable, _name_origin, 
 from .callbacks.core import GatherPredsCallback, TrainEvalCallback
 from .callbacks.progress import ProgressCallback
 from .callbacks.recorder import Recorder
-from .callbacks import distributed, schedule
+from .callbacks import distributed, mixed_precision, schedule
 from . import checkpoint
 from .metrics import as_metric
 from .optimizer import Adam, OptimWrapper, as_opt_func
@@ -35,10 +35,12 @@ class Learner:
     `dls` is anything with `.train` and `.valid` iterables of `(x, y)` batches: learnkit's DataLoaders,
     or `DataLoaders(train_dl, valid_dl)` over plain torch DataLoaders. The model, loss and batches move
     to `device` (CUDA when available). `lr` is the default learning rate; `moms` the 1cycle momentums.
+    `channels_last=True` keeps the model's 4-D weights and the 4-D input batches in torch.channels_last
+    memory format (faster convolutions on tensor-core GPUs, especially with `to_bf16()`).
     """
     def __init__(self, dls, model, loss_func=None, opt_func=Adam, lr=1e-3, splitter=None, metrics=None,
                  cbs=None, wd=None, wd_bn_bias=False, moms=(0.95, 0.85, 0.95), path='.', model_dir='models',
-                 device=None, default_cbs=True):
+                 device=None, default_cbs=True, channels_last=False):
         if not (hasattr(dls, 'train') and hasattr(dls, 'valid')):
             raise TypeError(f"dls must have .train and .valid loaders; got {type(dls).__name__}. Wrap plain "
                             "torch DataLoaders as learnkit.DataLoaders(train_dl, valid_dl).")
@@ -51,6 +53,7 @@ class Learner:
         self.metrics = [as_metric(m) for m in _listify(metrics)]
         self.path, self.model_dir = Path(path), model_dir
         self.device = torch.device(device) if device is not None else default_device()
+        self.channels_last = channels_last
         self.opt, self.logger = None, print
         # Loop state, read by callbacks through self.learn (or directly, see Callback.__getattr__).
         self.training, self.epoch, self.n_epoch, self.start_epoch, self.start_batch = False, 0, 1, 0, 0
@@ -202,6 +205,7 @@ class Learner:
         batch = self._to_device(batch)
         n_inp = getattr(self.dls, 'n_inp', 1)
         self.xb, self.yb = tuple(batch[:n_inp]), tuple(batch[n_inp:])
+        if self.channels_last: self.xb = tuple(_channels_last(x) for x in self.xb)
         self.pred = self.loss = self.loss_grad = None      # a cancelled batch leaves no stale loss behind
         self._with_events(self._do_one_batch, 'batch')
 
@@ -256,7 +260,8 @@ class Learner:
 
     def _prepare(self):
         "Put model, loss and data on the learner's device (cheap when they are there already)."
-        self.model.to(self.device)
+        layout = torch.channels_last if self.channels_last else torch.preserve_format
+        self.model.to(self.device, memory_format=layout)
         if isinstance(self.loss_func, nn.Module): self.loss_func.to(self.device)
         if hasattr(self.dls, 'to'): self.dls.to(self.device)
 
@@ -327,6 +332,28 @@ class Learner:
         "Write weights, model spec, vocab and normalisation to `path/{path}` for `load_learner`."
         return checkpoint.export_learner(self, path)
 
+    def compile(self, **kwargs):
+        """Compile the model in place with `torch.compile(**kwargs)` (mode, backend, dynamic...): `learn.model`
+        keeps its class, submodules and parameter names. Forward hooks (ActivationStats) keep working: adding
+        or removing them costs one recompile."""
+        # torch does not guard on module hooks by default: a hook added after the first compiled call would
+        # never run and a removed one would keep running (seen in torch 2.14). Guarding on them fixes that.
+        torch._dynamo.config.skip_nnmodule_hook_guards = False
+        self.model.compile(**kwargs)
+        return self
+
+    def to_fp16(self, **scaler_kwargs):
+        "Mixed precision with float16 and loss scaling (kwargs go to torch.amp.GradScaler); see MixedPrecision."
+        return mixed_precision.to_mixed_precision(self, torch.float16, **scaler_kwargs)
+
+    def to_bf16(self):
+        "Mixed precision with bfloat16 (no loss scaling); see MixedPrecision."
+        return mixed_precision.to_mixed_precision(self, torch.bfloat16)
+
+    def to_fp32(self):
+        "Full precision again: removes MixedPrecision."
+        return mixed_precision.to_fp32(self)
+
     def summary(self):
         "Input shape, each layer's output shape and parameters, totals, optimizer, loss and callbacks."
         from .summary import summary
@@ -344,6 +371,10 @@ class Learner:
 def _listify(x):
     if x is None: return []
     return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _channels_last(x):
+    return x.contiguous(memory_format=torch.channels_last) if isinstance(x, torch.Tensor) and x.ndim == 4 else x
 
 
 def _default_loss(dls):

@@ -1,0 +1,186 @@
+"""One epoch of 1cycle training, learnkit against a hand-written loop, on whatever device is present.
+
+    python bench/gpu.py                   # CUDA if available, else the CPU: full Fashion-MNIST, bs 64 and 512
+    python bench/gpu.py --quick           # a short CPU run on a subset (6,400 training, 1,000 validation images)
+    python bench/gpu.py --configs a,b,c   # only some configurations; (a) is always run, as the reference
+
+The chapter's simple_cnn(bn=True), one epoch of fit_one_cycle (training on 60,000 images, drop_last, then
+validation on 10,000 with loss and accuracy), for each configuration:
+  a      a hand-written loop: uint8 data resident on the device, batches gathered, scaled and normalised there,
+         the 1cycle schedule computed before the loop, torch AdamW as learnkit's Adam sets it up (wd 0.01 on
+         weights only), zero_grad(set_to_none=True), the training loss and the validation loss and accuracy
+         summed on the device and read once at the end. No host read inside the epoch.
+  b      learnkit: Learner with the default callbacks (the progress display is whatever this terminal gets:
+         plain epoch lines when stdout is not a tty), DataLoaders.from_tensors (device-resident uint8 cache)
+  c      b + ActivationStats(with_hist=True)
+  d      b + to_bf16() + channels_last=True
+  e      b + learn.compile()
+  a_fused, b_fused   a and b with torch's fused AdamW (learnkit: Adam(fused=True))
+Each configuration runs one untimed epoch first (compilation, cuDNN autotuning, allocator warm-up); then every
+configuration is timed `--repeats` times in a rotating order, so slow spells hit all of them alike.
+Rows: median epoch time (s), training images/s, the speed ratio to (a) (median of per-repeat ratios), and the
+extra time per batch against (a) in microseconds.
+"""
+import argparse
+import statistics
+import sys
+import time
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from learnkit import Adam, Learner, accuracy
+from learnkit.callbacks.activations import ActivationStats
+from learnkit.callbacks.schedule import combined_cos
+from learnkit.data import DataLoaders, Normalize
+from learnkit.datasets import fashion_mnist
+from learnkit.models import simple_cnn
+
+CONFIGS = {'a': 'hand loop', 'b': 'learnkit', 'c': '+ActStats', 'd': 'bf16+c_last', 'e': 'compile',
+           'a_fused': 'hand fused', 'b_fused': 'lk fused'}
+LR_MAX, DIV, DIV_FINAL, PCT_START, MOMS, SQR_MOM, EPS, WD = 1e-2, 25., 1e5, 0.25, (0.95, 0.85, 0.95), 0.99, 1e-5, 0.01
+
+
+class HandLoop:
+    "The reference: the loop a careful user writes by hand, with the same data, model, optimizer and schedule."
+    def __init__(self, data, bs, device, fused):
+        x, y, xv, yv, self.mean, self.std = data
+        self.x, self.y, self.xv, self.yv = (t.to(device) for t in (x, y, xv, yv))
+        self.bs, self.device = bs, device
+        self.model = simple_cnn(bn=True).to(device)
+        decay = [p for p in self.model.parameters() if p.ndim > 1]
+        no_decay = [p for p in self.model.parameters() if p.ndim <= 1]
+        self.opt = torch.optim.AdamW([{'params': decay}, {'params': no_decay, 'weight_decay': 0.}], lr=LR_MAX,
+                                     betas=(MOMS[0], SQR_MOM), eps=EPS, weight_decay=WD, fused=fused or None)
+        self.mean_d, self.std_d = (torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (self.mean, self.std))
+
+    def batch(self, x, y, idx):
+        return (x.index_select(0, idx).float().div_(255) - self.mean_d) / self.std_d, y.index_select(0, idx)
+
+    def fit_one_cycle(self):
+        n = len(self.x) // self.bs
+        lr_sched = combined_cos(PCT_START, LR_MAX / DIV, LR_MAX, LR_MAX / DIV_FINAL)
+        mom_sched = combined_cos(PCT_START, *MOMS)
+        lrs = [float(lr_sched(i / n)) for i in range(n)]
+        betas = [(float(mom_sched(i / n)), SQR_MOM) for i in range(n)]
+        self.model.train()
+        perm = torch.randperm(len(self.x), device=self.device)
+        train_loss = torch.zeros((), device=self.device)
+        for i in range(n):
+            xb, yb = self.batch(self.x, self.y, perm[i * self.bs:(i + 1) * self.bs])
+            for g in self.opt.param_groups: g['lr'], g['betas'] = lrs[i], betas[i]
+            loss = F.cross_entropy(self.model(xb), yb)
+            loss.backward()
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            train_loss += loss.detach()
+        self.model.eval()
+        valid_loss, correct = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        with torch.no_grad():
+            for idx in torch.arange(len(self.xv), device=self.device).split(self.bs):
+                xb, yb = self.batch(self.xv, self.yv, idx)
+                pred = self.model(xb)
+                valid_loss += F.cross_entropy(pred, yb, reduction='sum')
+                correct += (pred.argmax(1) == yb).sum()
+        return torch.stack([train_loss / n, valid_loss / len(self.xv), correct / len(self.xv)]).tolist()
+
+
+class LearnkitRun:
+    "One learnkit configuration: a Learner built once, trained one epoch of fit_one_cycle per call."
+    def __init__(self, name, data, bs, device):
+        x, y, xv, yv, mean, std = data
+        dls = DataLoaders.from_tensors(x, y, xv, yv, bs=bs, batch_tfms=[Normalize.from_stats(mean, std)],
+                                       device=device, seed=0)
+        opt_func = partial(Adam, mom=MOMS[0], sqr_mom=SQR_MOM, eps=EPS, wd=WD, fused=True if name == 'b_fused' else None)
+        self.learn = Learner(dls, simple_cnn(bn=True), loss_func=nn.CrossEntropyLoss(), metrics=accuracy,
+                             opt_func=opt_func, device=device, channels_last=name == 'd')
+        if name == 'd': self.learn.to_bf16()
+        if name == 'e': self.learn.compile()
+        self.with_acts = name == 'c'
+
+    def fit_one_cycle(self):
+        cbs = [ActivationStats(with_hist=True)] if self.with_acts else None
+        with self.learn.no_logging():
+            self.learn.fit_one_cycle(1, LR_MAX, div=DIV, div_final=DIV_FINAL, pct_start=PCT_START, moms=MOMS, cbs=cbs)
+        return self.learn.recorder.values[-1]
+
+
+def load_data(quick):
+    fm = fashion_mnist()
+    n, nv = (6400, 1000) if quick else (len(fm.x_train), len(fm.x_valid))
+    x, xv = fm.x_train[:n, None], fm.x_valid[:nv, None]
+    mean, std = x.float().div(255).mean().item(), x.float().div(255).std().item()
+    return x, fm.y_train[:n], xv, fm.y_valid[:nv], mean, std
+
+
+def bench_bs(bs, names, data, device, repeats, sync):
+    runs = {k: (HandLoop(data, bs, device, fused=k == 'a_fused') if k.startswith('a')
+                else LearnkitRun(k, data, bs, device)) for k in names}
+
+    def timed(run):
+        sync()
+        start = time.perf_counter()
+        result = run.fit_one_cycle()
+        sync()
+        return time.perf_counter() - start, result
+
+    warm = {k: timed(r) for k, r in runs.items()}
+    times = {k: [] for k in names}
+    for r in range(repeats):
+        for k in names[r % len(names):] + names[:r % len(names)]: times[k].append(timed(runs[k])[0])
+    n_train = len(data[0]) // bs
+    n_batches = n_train + -(-len(data[2]) // bs)
+    rows = {}
+    for k in names:
+        t = statistics.median(times[k])
+        ratio = statistics.median(a / x for a, x in zip(times['a'], times[k]))
+        extra_us = (t - statistics.median(times['a'])) / n_batches * 1e6
+        rows[k] = (t, n_train * bs / t, ratio, extra_us, warm[k][0], warm[k][1])
+    return rows
+
+
+def device_name(device):
+    if device.type == 'cuda': return torch.cuda.get_device_name(device)
+    return f"CPU, {torch.get_num_threads()} threads"
+
+
+def print_table(bs, rows, names):
+    w = 13
+    print(f"\n{f'bs {bs}':<20}" + ''.join(f"{f'({k})':>{w}}" for k in names))
+    for label, i, fmt in (('epoch time (s)', 0, '{:.3f}'), ('images/s', 1, '{:,.0f}'), ('ratio to (a)', 2, '{:.3f}'),
+                          ('extra us/batch', 3, '{:+.1f}'), ('warm-up (s)', 4, '{:.2f}')):
+        print(f"{label:<20}" + ''.join(f"{fmt.format(rows[k][i]):>{w}}" for k in names))
+    print(f"{'valid acc (warm-up)':<20}" + ''.join(f"{rows[k][5][-1]:>{w}.4f}" for k in names))
+    if 'a_fused' in rows and 'b_fused' in rows:
+        print(f"(b_fused)/(a_fused) = {rows['a_fused'][0] / rows['b_fused'][0]:.3f}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--quick', action='store_true', help='CPU, 6,400 training images, 1 repeat')
+    p.add_argument('--bs', default='64,512')
+    p.add_argument('--repeats', type=int, default=None, help='timed repeats per configuration (default 5; 1 with --quick)')
+    p.add_argument('--configs', default=','.join(CONFIGS), help=f"which of {','.join(CONFIGS)}")
+    p.add_argument('--threads', type=int, default=2, help='CPU threads (CPU runs)')
+    args = p.parse_args()
+    names = ['a'] + [k for k in args.configs.split(',') if k != 'a']
+    unknown = [k for k in names if k not in CONFIGS]
+    if unknown: raise SystemExit(f"unknown configs {unknown}; choose from {','.join(CONFIGS)}")
+    torch.set_num_threads(args.threads)
+    device = torch.device('cpu' if args.quick or not torch.cuda.is_available() else 'cuda')
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    repeats = args.repeats or (1 if args.quick else 5)
+    data = load_data(args.quick)
+    mode = 'tty' if sys.stdout.isatty() else 'not a tty (epoch lines only)'
+    print(f"device: {device_name(device)} | torch {torch.__version__} | simple_cnn(bn=True) | {len(data[0]):,} training "
+          f"+ {len(data[2]):,} validation images | one epoch of fit_one_cycle | median of {repeats} | stdout {mode}")
+    print('  '.join(f"({k}) {CONFIGS[k]}" for k in names))
+    for bs in (int(b) for b in args.bs.split(',')):
+        torch.manual_seed(0)
+        print_table(bs, bench_bs(bs, names, data, device, repeats, sync), names)
+
+
+if __name__ == '__main__':
+    main()
