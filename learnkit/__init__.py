@@ -10,6 +10,7 @@ from .callback import (Callback, CancelBackwardException, CancelBatchException, 
 from .callbacks.distributed import (DistributedCallback, distrib_ctx, is_rank0, num_distrib, rank0_only,
                                     rank_distrib, unwrap_model)
 from .callbacks.core import GatherPredsCallback, TrainEvalCallback
+from .callbacks.mixed_precision import MixedPrecision
 from .callbacks.progress import ProgressCallback
 from .callbacks.recorder import Recorder
 from .callbacks.schedule import (LRFinder, ParamScheduler, SchedCos, SchedExp, SchedLin, SchedNo, SchedPoly,

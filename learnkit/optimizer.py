@@ -144,10 +144,19 @@ def _as_groups(params):
 
 
 def Adam(params, lr=1e-3, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.01, decouple_wd=True, wd_bn_bias=False, fused=None):
-    "fastai's Adam defaults: decoupled weight decay (torch's AdamW) with wd=0.01, eps=1e-5. See OptimWrapper for `fused`."
+    """fastai's Adam defaults: decoupled weight decay (torch's AdamW) with wd=0.01, eps=1e-5.
+    `fused=None` picks torch's one-kernel implementation when every parameter is on CUDA (the fastest there,
+    and it lets fp16 loss scaling skip steps without a host sync), torch's default elsewhere."""
+    params = list(params)
+    if fused is None and _all_on_cuda(params): fused = True
     cls = torch.optim.AdamW if decouple_wd else torch.optim.Adam
     return OptimWrapper(params, cls, wd_bn_bias=wd_bn_bias, fused=fused, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps,
                         wd=wd)
+
+
+def _all_on_cuda(params):
+    flat = [p for g in params for p in (g if isinstance(g, (list, tuple)) else [g])]
+    return bool(flat) and all(p.is_cuda for p in flat)
 
 
 def SGD(params, lr=1e-3, mom=0., wd=0., wd_bn_bias=False, fused=None):
