@@ -10,11 +10,14 @@ from .callback import (Callback, CancelBackwardException, CancelBatchException, 
 from .callbacks.distributed import (DistributedCallback, distrib_ctx, is_rank0, num_distrib, rank0_only,
                                     rank_distrib, unwrap_model)
 from .callbacks.core import GatherPredsCallback, TrainEvalCallback
+from .callbacks.logging import CSVLogger, TensorBoardCallback
 from .callbacks.mixed_precision import MixedPrecision
 from .callbacks.progress import ProgressCallback
 from .callbacks.recorder import Recorder
 from .callbacks.schedule import (LRFinder, ParamScheduler, SchedCos, SchedExp, SchedLin, SchedNo, SchedPoly,
                                  SuggestedLRs, combine_scheds, combined_cos)
+from .callbacks.tracking import EarlyStoppingCallback, SaveModelCallback, TerminateOnNaNCallback, TrackerCallback
+from .checkpoint import CheckpointError, UnsafeCheckpointError, load_learner
 from .data import (Brightness, CategoryBlock, CenterCrop, Contrast, DataBlock, DataLoaders, Flip, FuncSplitter,
                    GrandparentSplitter, ImageBlock, IndexSplitter, Normalize, PILImage, PILImageBW, RandomCrop,
                    RandomResizedCrop, RandomSplitter, RegexLabeller, Resize, Rotate, TfmdDL, aug_transforms,

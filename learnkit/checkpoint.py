@@ -43,9 +43,10 @@ class UnsafeCheckpointError(CheckpointError):
 
 
 def is_main_process():
-    "False on the ranks other than 0 of a torch.distributed run: only rank 0 writes checkpoints and logs."
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()
-                and torch.distributed.get_rank() != 0)
+    """False on the ranks other than 0 of a torch.distributed run (torchrun's RANK counts even before the
+    process group exists): only rank 0 writes checkpoints and logs."""
+    from .callbacks.distributed import is_rank0
+    return is_rank0()
 
 
 # ---- writing and reading files --------------------------------------------------------------------

@@ -127,8 +127,9 @@ class EarlyStoppingCallback(TrackerCallback):
         self.wait = 0 if self.improved else self.wait + 1
         if self.wait >= self.patience:
             self.stopped_epoch = self.learn.epoch
-            print(f"No improvement in {self.monitor} since epoch {self.learn.epoch - self.wait} "
-                  f"(best {self.best:.6g}): early stopping")
+            if is_main_process():
+                print(f"No improvement in {self.monitor} since epoch {self.learn.epoch - self.wait} "
+                      f"(best {self.best:.6g}): early stopping")
             raise CancelFitException()
 
     def state_dict(self): return {'best': self.best, 'wait': self.wait}
