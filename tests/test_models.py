@@ -88,6 +88,7 @@ def test_conv_block_options_give_the_expected_grids():
     assert conv(4, 6, stride=1, dilation=2)(x).shape == (2, 6, 14, 14)
     assert conv(4, 6, transpose=True)(x).shape == (2, 6, 28, 28)
     assert conv(4, 6, ks=4, transpose=True)(x).shape == (2, 6, 28, 28)
+    with pytest.raises(ValueError, match='pass padding= yourself'): conv(4, 6, ks=4, stride=1, transpose=True)
     assert [type(m) for m in conv(4, 6, bn=True)] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]
     assert conv(4, 6, bn=True)[0].bias is None and conv(4, 6)[0].bias is not None
     assert [type(m) for m in ConvBN(4, 6, act=False)] == [nn.Conv2d, nn.BatchNorm2d]
