@@ -25,9 +25,10 @@ from .data import (Brightness, CategoryBlock, CenterCrop, Contrast, DataBlock, D
 from .datasets import fashion_mnist, fashion_mnist_tree
 from .learner import Learner, default_callbacks, default_device
 from .metrics import AvgLoss, AvgMetric, AvgSmoothLoss, Metric, accuracy, error_rate
-from .models import (MODELS, BatchNorm, ConvBN, DepthwiseSeparableConv, Flatten, ResBlock, SEBlock, alexnet, conv,
-                     densenet, get_model, googlenet, init_cnn, lenet, mobilenet, nin, register_model, resnet18,
-                     resnet34, se_resnet, simple_cnn, torchvision_model, vgg)
+from .models import (MODELS, BatchNorm, ConvBN, DenseBlock, DepthwiseSeparableConv, Flatten, Inception, ResBlock,
+                     SEBlock, alexnet, classifier_head, conv, densenet, get_model, googlenet, init_cnn, lenet, max_pool,
+                     mobilenet, nin, nin_block, register_model, resnet18, resnet34, se_resnet, simple_cnn,
+                     torchvision_model, transition, vgg, vgg_block)
 from .optimizer import SGD, Adam, OptimWrapper, RMSProp
 
 __version__ = '0.1.0'
