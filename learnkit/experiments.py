@@ -194,11 +194,14 @@ def _final_results(learn):
 
 
 def _findings(learn):
-    "The health report's findings as one string, when the Learner has `diagnose()`."
+    "The health report's findings as one string ('severity check (where); ...'), when the Learner has `diagnose()`."
     if not hasattr(learn, 'diagnose'): return {}
-    report = learn.diagnose()
-    findings = getattr(report, 'findings', report)
-    return {'findings': '; '.join(str(f) for f in findings)}
+    return {'findings': '; '.join(_describe(f) for f in learn.diagnose(show=False).findings)}
+
+
+def _describe(finding):
+    where = finding.where()
+    return f"{finding.severity} {finding.check}" + (f" ({where})" if where else '')
 
 
 class Comparison:
