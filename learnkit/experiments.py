@@ -50,6 +50,10 @@ class RunCounter(Callback):
         _synchronize(self.learn.device)
         self.train_time += time.perf_counter() - self._start
 
+    def throughput(self):
+        "Training samples per second of training phases (None before any training)."
+        return self.examples / self.train_time if self.train_time else None
+
 
 def _synchronize(device):
     if torch.device(device).type == 'cuda': torch.cuda.synchronize(device)  # sync-ok: once per epoch, for the clock
@@ -113,9 +117,11 @@ def compare(make_learner, configs, fit='fit_one_cycle', n_epoch=1, lr=None, seed
     seeds = list(seeds)
     if not seeds or not all(isinstance(s, int) for s in seeds):
         raise ValueError(f"seeds must be a non-empty sequence of ints; got {seeds!r}")
+    # Every recipe is checked before the first run, so a typo in the last configuration fails at once.
+    recipes = [{'fit': fit, 'lr': lr, 'n_epoch': n_epoch, **{k: c[k] for k in RECIPE_KEYS if k in c}} for c in configs]
+    fit_fns = [_fit_function(r['fit']) for r in recipes]
     rows, runs, ref_bs = [], [], None
-    for config in configs:
-        recipe = {'fit': fit, 'lr': lr, 'n_epoch': n_epoch, **{k: config[k] for k in RECIPE_KEYS if k in config}}
+    for config, recipe, fit_fn in zip(configs, recipes, fit_fns):
         kwargs = {k: v for k, v in config.items() if k not in RECIPE_KEYS}
         for seed in seeds:
             _seed_everything(seed)
@@ -130,13 +136,12 @@ def compare(make_learner, configs, fit='fit_one_cycle', n_epoch=1, lr=None, seed
             _seed_everything(seed)
             start = time.perf_counter()
             with learn.added_cbs([run.counter]), _quiet(learn, quiet):
-                _fit_function(recipe['fit'])(learn, recipe['n_epoch'], run_lr)
+                fit_fn(learn, recipe['n_epoch'], run_lr)
             _synchronize(learn.device)
             rows.append({**config, 'seed': seed, 'bs': bs, 'lr': run_lr, 'fit': _short(recipe['fit']),
                          'n_epoch': recipe['n_epoch'], **_final_results(learn),
                          'time_s': time.perf_counter() - start,
-                         'images_per_s': run.counter.examples / run.counter.train_time if run.counter.train_time else None,
-                         'steps': run.counter.steps, **_findings(learn)})
+                         'images_per_s': run.counter.throughput(), 'steps': run.counter.steps, **_findings(learn)})
             runs.append(run)
     import pandas as pd
     df = pd.DataFrame(rows)

@@ -118,7 +118,8 @@ def test_noise_scale_errors_name_the_fix(fmnist):
     def fit(loss_func, cbs, bs=64):
         learn = Learner(torch_dls(fmnist, 256, 64, bs=bs), mlp(), loss_func=loss_func, cbs=cbs)
         with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
-    with pytest.raises(ValueError, match='mean-reduced'): fit(nn.CrossEntropyLoss(reduction='sum'), GradientNoiseScale())
+    with pytest.raises(ValueError, match='mean-reduced'):
+        fit(nn.CrossEntropyLoss(reduction='sum'), GradientNoiseScale())
     with pytest.raises(ValueError, match='raise n_acc above the batch size'):
         fit(nn.CrossEntropyLoss(), [GradientAccumulation(64), GradientNoiseScale()])
     with pytest.raises(ValueError, match='leave n_micro=None'):
@@ -202,7 +203,8 @@ def test_keep_lr_ratio_scales_constant_and_one_cycle_lrs(fmnist):
 
 
 def test_batch_size_schedule_refuses_plain_torch_loaders(fmnist):
-    learn = Learner(torch_dls(fmnist, 256, 64), mlp(), loss_func=nn.CrossEntropyLoss(), cbs=BatchSizeScheduler({1: 128}))
+    learn = Learner(torch_dls(fmnist, 256, 64), mlp(), loss_func=nn.CrossEntropyLoss(),
+                    cbs=BatchSizeScheduler({1: 128}))
     with pytest.raises(TypeError, match=r'fixes its batch size.*DataLoaders\.from_tensors'):
         with learn.no_bar(): learn.fit(2, 1e-3)
     with pytest.raises(ValueError, match=r"not: \{1: 0\}"): BatchSizeScheduler({1: 0})

@@ -108,7 +108,8 @@ def test_health_findings_column_shows_the_chapter_collapse(fmnist):
 
 def test_compare_rejects_what_it_cannot_run(slice_):
     make_learner = recipe(slice_)
-    with pytest.raises(ValueError, match="name of a Learner fit method"): compare(make_learner, [{}], fit='train')
+    def not_yet(**kwargs): raise AssertionError("a run started before every configuration was checked")
+    with pytest.raises(ValueError, match="name of a Learner fit method"): compare(not_yet, [{}, {'fit': 'train'}])
     with pytest.raises(ValueError, match="'linear', 'sqrt' or None"): compare(make_learner, [{}], lr_scaling='cubic')
     with pytest.raises(TypeError, match='list of dicts'): compare(make_learner, [64, 512])
     with pytest.raises(TypeError, match='single learning rate'):

@@ -39,8 +39,8 @@ class GradientAccumulation(Callback):
 
     def before_fit(self):
         if any(isinstance(cb, MixedPrecision) and cb.dtype == torch.float16 for cb in self.learn.cbs):
-            raise ValueError("GradientAccumulation does not work with MixedPrecision(torch.float16), which unscales the "
-                             "gradient after every backward: use MixedPrecision(torch.bfloat16) (no loss scaling), "
+            raise ValueError("GradientAccumulation does not work with MixedPrecision(torch.float16), which unscales "
+                             "the gradient after every backward: use MixedPrecision(torch.bfloat16) (no loss scaling), "
                              "or drop one of the two")
         self.count = 0
 
@@ -92,13 +92,15 @@ class GradientNoiseScale(Callback):
 
     Where the small batches come from, and what it costs:
     - With `GradientAccumulation` in the learner, the small batches are the accumulated batches (each one's
-      gradient is the growth of `.grad`) and the big one is the step. Cost per batch of a measured step: one
-      subtraction, one copy and one norm over the parameters, plus one parameter-sized buffer. Needs at least
-      two batches per step (`n_acc` above the batch size). `n_micro` must be None.
-    - Otherwise, every `every` batches, the batch is split into `n_micro` (default 2) contiguous chunks and
-      each chunk's mean gradient is taken by backward through the batch's own graph (no second forward, so no
-      extra BatchNorm statistics or activation hooks). That is `n_micro` extra backward passes: about
-      2*n_micro/3 of a training step on a measured batch, so with the defaults (2, every 10) about +13% time.
+      gradient is the growth of `.grad`) and the big one is the step, measured every `every` (default 1)
+      optimizer steps. Cost per batch of a measured step: one subtraction, one copy and one norm over the
+      parameters, plus one parameter-sized buffer. Needs at least two batches per step (`n_acc` above the
+      batch size). `n_micro` must be None.
+    - Otherwise, every `every` (default 10) batches, the batch is split into `n_micro` (default 2) contiguous
+      chunks and each chunk's mean gradient is taken by backward through the batch's own graph (no second
+      forward, so no extra BatchNorm statistics or activation hooks). That is `n_micro` extra backward passes:
+      about 2*n_micro/3 of a training step on a measured batch, so with the defaults (2, every 10) about +13%
+      time (+12% measured on an H100 for simple_cnn + BN at bs 64, `bench/batch_size.py`).
       With BatchNorm, chunk gradients include the batch coupling; they still average exactly to the batch
       gradient, but are not independent samples, so read B_simple as approximate there (on simple_cnn + BN
       at fixed weights, split batches of 256 gave 865 where 8 accumulated batches of 32, each with its own
@@ -117,7 +119,7 @@ class GradientNoiseScale(Callback):
         if n_micro is not None and (not isinstance(n_micro, int) or n_micro < 2):
             raise ValueError(f"GradientNoiseScale(n_micro={n_micro!r}): split each batch into an int >= 2 of chunks")
         if every is not None and (not isinstance(every, int) or every < 1):
-            raise ValueError(f"GradientNoiseScale(every={every!r}): measure every `every` steps, a positive int")
+            raise ValueError(f"GradientNoiseScale(every={every!r}): measure every `every` batches, a positive int")
         if not 0 <= beta < 1: raise ValueError(f"GradientNoiseScale(beta={beta!r}): beta must be in [0, 1)")
         self.n_micro, self.every, self.beta = n_micro, every, beta
         self._log, self._rows, self._ema, self._n = TensorLog(), [], None, 0
@@ -125,8 +127,9 @@ class GradientNoiseScale(Callback):
     def before_fit(self):
         self._acc = next((cb for cb in self.learn.cbs if isinstance(cb, GradientAccumulation)), None)
         if self._acc is not None and self.n_micro is not None:
-            raise ValueError("GradientNoiseScale(n_micro=...) splits batches, but with GradientAccumulation it uses the "
-                             "accumulated batches as the small ones: leave n_micro=None, or remove GradientAccumulation")
+            raise ValueError("GradientNoiseScale(n_micro=...) splits batches, but with GradientAccumulation it uses "
+                             "the accumulated batches as the small ones: leave n_micro=None, or remove "
+                             "GradientAccumulation")
         reduction = getattr(self.learn.loss_func, 'reduction', 'mean')
         if reduction != 'mean':
             raise ValueError(f"GradientNoiseScale needs a mean-reduced loss (gradients as means over samples); "
@@ -223,8 +226,8 @@ class GradientNoiseScale(Callback):
         import pandas as pd
         b_noise = self.critical_batch_size()
         if not b_noise > 0:
-            raise RuntimeError(f"The noise scale is {b_noise:.3g}, so |G|^2 is not yet resolved from the gradient noise: "
-                               "measure over more batches (or a higher beta) before reading the trade-off")
+            raise RuntimeError(f"The noise scale is {b_noise:.3g}, so |G|^2 is not yet resolved from the gradient "
+                               "noise: measure over more batches (or a higher beta) before reading the trade-off")
         return pd.DataFrame({'bs': list(batch_sizes), 'steps': [1 + b_noise / b for b in batch_sizes],
                              'samples': [1 + b / b_noise for b in batch_sizes]}).set_index('bs')
 
