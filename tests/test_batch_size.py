@@ -211,3 +211,26 @@ def test_batch_size_schedule_refuses_plain_torch_loaders(fmnist):
     learn = scheduled_learner(fmnist, BatchSizeScheduler(lambda epoch: 0.5))
     with pytest.raises(ValueError, match=r'schedule\(0\) returned 0.5'):
         with learn.no_bar(): learn.fit(1, 1e-3)
+
+
+# ---- no host sync in the batch path (CUDA only: the sync detector is a CUDA feature) ------------------------
+
+class NoSyncInTraining(Callback):
+    "Turns torch's sync detector to 'error' from the first training batch (the loader's cache is placed by then)."
+    order, run_valid = 1000, False
+    def before_batch(self): torch.cuda.set_sync_debug_mode('error')
+    def after_train(self): torch.cuda.set_sync_debug_mode(0)
+    def cleanup_fit(self): torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+@pytest.mark.parametrize('cbs', [lambda: [GradientNoiseScale(every=1, n_micro=4)],
+                                 lambda: [GradientAccumulation(256), GradientNoiseScale()],
+                                 lambda: [BatchSizeScheduler({1: 128}, keep_lr_ratio=True)]],
+                         ids=['split', 'accumulate', 'schedule'])
+def test_no_host_sync_while_training_on_cuda(fmnist, cbs):
+    dls = DataLoaders.from_tensors(fmnist.x_train[:2048], fmnist.y_train[:2048], fmnist.x_valid[:256],
+                                   fmnist.y_valid[:256], bs=64, batch_tfms=[Normalize()], device='cuda')
+    learn = Learner(dls, mlp(), loss_func=nn.CrossEntropyLoss(), metrics=accuracy, cbs=cbs() + [NoSyncInTraining()])
+    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(2, 1e-2)
+    if hasattr(learn, 'gradient_noise_scale'): assert learn.gradient_noise_scale.critical_batch_size() > 0
