@@ -9,6 +9,7 @@ from .callback import (Callback, CancelBackwardException, CancelBatchException, 
                        EVENTS)
 from .callbacks.distributed import (DistributedCallback, distrib_ctx, is_rank0, num_distrib, rank0_only,
                                     rank_distrib, unwrap_model)
+from .callbacks.batch_size import BatchSizeScheduler, GradientAccumulation, GradientNoiseScale, noise_scale_estimate
 from .callbacks.core import GatherPredsCallback, TrainEvalCallback
 from .callbacks.logging import CSVLogger, TensorBoardCallback
 from .callbacks.mixed_precision import MixedPrecision
@@ -23,6 +24,7 @@ from .data import (Brightness, CategoryBlock, CenterCrop, Contrast, DataBlock, D
                    RandomResizedCrop, RandomSplitter, RegexLabeller, Resize, Rotate, TfmdDL, aug_transforms,
                    get_image_files, parent_label)
 from .datasets import fashion_mnist, fashion_mnist_tree
+from .experiments import Comparison, compare
 from .learner import Learner, default_callbacks, default_device
 from .metrics import AvgLoss, AvgMetric, AvgSmoothLoss, Metric, accuracy, error_rate
 from .models import (MODELS, BatchNorm, ConvBN, DenseBlock, DepthwiseSeparableConv, Flatten, Inception, ResBlock,

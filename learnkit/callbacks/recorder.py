@@ -23,7 +23,7 @@ class Recorder(Callback):
 
     Per batch it only launches two small device kernels and appends two Python floats; every value is
     read back in one transfer at the end of the epoch. `values` holds fastai's rows (train_loss,
-    valid_loss, metrics...); `log` the last full row; `df` the whole table as a DataFrame.
+    valid_loss, metrics..., extra columns); `log` the last full row; `df` the whole table as a DataFrame.
     Other callbacks add columns by defining `epoch_columns()` returning `{name: value}`.
     """
     order = 50
@@ -74,7 +74,7 @@ class Recorder(Callback):
         valid = self._valid_results or [None] * (1 + n_metrics)
         numbers = _read_all([self.smooth_loss.value] + valid)  # the one host read of the epoch
         extra = [v for cb in self._extra for v in cb.epoch_columns().values()]
-        self.values.append(numbers)
+        self.values.append(numbers + extra)
         self.iters.append(len(self.lrs))
         self.log = [self.learn.epoch] + numbers + extra + ([format_time(time.time() - self._epoch_start)]
                                                             if self.add_time else [])
