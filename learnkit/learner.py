@@ -359,6 +359,11 @@ class Learner:
         from .summary import summary
         return summary(self)
 
+    def diagnose(self, show=True, **thresholds):
+        "The health report of the last fit; see `learnkit.diagnostics.health.diagnose`."
+        from .diagnostics.health import diagnose
+        return diagnose(self, show=show, **thresholds)
+
     @property
     def smooth_loss(self):
         "The recorder's smoothed training loss (a device tensor)."
