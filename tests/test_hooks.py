@@ -1,0 +1,273 @@
+"""Hooks, ActivationStats and GradientStats on real Fashion-MNIST slices: hooks never outlive a fit, the
+records match statistics computed directly on the same activations, and the per-batch path never syncs."""
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import normalized_slice, torch_dls
+from learnkit import Callback, CancelFitException, Learner
+from learnkit.callbacks.activations import ActivationStats
+from learnkit.callbacks.gradients import GradientStats
+from learnkit.callbacks.hooks import HookCallback, Hook, Hooks, default_modules, hook_output, hook_outputs
+from learnkit.models import simple_cnn
+
+
+def n_hooks(model):
+    return sum(len(m._forward_hooks) + len(m._backward_hooks) for m in model.modules())
+
+
+def make_learner(fmnist, cbs, model=None, n_train=640, bs=64, **kw):
+    torch.manual_seed(0)
+    return Learner(torch_dls(fmnist, n_train=n_train, n_valid=128, bs=bs), model or simple_cnn(),
+                   loss_func=F.cross_entropy, cbs=cbs, device='cpu', **kw)
+
+
+class Raise(Callback):
+    "Raises `exc` in after_batch of training batch `at`."
+    def __init__(self, exc, at=2): self.exc, self.at = exc, at
+    def after_batch(self):
+        if self.learn.training and self.learn.iter == self.at: raise self.exc
+
+
+class Capture(Callback):
+    "Keeps every training batch's outputs of `modules`, to check the statistics against."
+    order = -30
+    def __init__(self, modules): self.modules, self.outputs = modules, []
+    def before_fit(self): self.hooks = hook_outputs(self.modules)
+    def after_batch(self):
+        if self.learn.training: self.outputs.append([o.clone() for o in self.hooks.stored])
+    def cleanup_fit(self): self.hooks.remove()
+
+
+# ---- Hook, Hooks, hook_outputs -----------------------------------------------------------------------------
+def test_hook_stores_and_removes_itself(fmnist):
+    x = normalized_slice(fmnist, 8, 1)[0]
+    model = simple_cnn()
+    with hook_output(model[1]) as h:
+        model(x)
+        assert h.stored.shape == (8, 16, 7, 7) and not h.stored.requires_grad
+    assert h.removed and n_hooks(model) == 0
+    h.remove()  # twice is harmless
+    with Hooks(model[:3], lambda m, i, o: o.mean()) as hs:
+        model(x)
+        assert len(hs) == 3 and all(s.ndim == 0 for s in hs.stored)
+    assert n_hooks(model) == 0
+
+
+def test_hook_outputs_grad_stores_output_gradients(fmnist):
+    x, y = normalized_slice(fmnist, 8, 1)[:2]
+    model = simple_cnn()
+    with hook_outputs([model[3][0], model[4][0]], grad=True) as hs:
+        F.cross_entropy(model(x), y).backward()
+        assert [g[0].shape for g in hs.stored] == [(8, 64, 2, 2), (8, 10, 1, 1)]
+    with pytest.raises(TypeError, match='nn.Module'): Hook('not a module', print)
+
+
+def test_default_modules_are_layers_with_parameters():
+    model = simple_cnn(bn=True)
+    assert [type(m).__name__ for m in default_modules(model)] == ['Conv2d', 'BatchNorm2d'] * 5
+    with_acts = default_modules(model, include_paramless=True)
+    assert sum(isinstance(m, nn.ReLU) for m in with_acts) == 4 and isinstance(with_acts[-1], nn.Flatten)
+    with pytest.raises(ValueError, match='include_paramless'): HookCallback(modules=[model[0]], include_paramless=True)
+    with pytest.raises(ValueError, match='every'): HookCallback(every=0)
+
+
+# ---- hooks never outlive a fit -------------------------------------------------------------------------------
+@pytest.mark.parametrize('exc', [RuntimeError('boom'), KeyboardInterrupt()])
+def test_hooks_removed_when_fit_raises(fmnist, exc):
+    stats = ActivationStats(with_hist=True)
+    learn = make_learner(fmnist, [stats, GradientStats(), Raise(exc)])
+    with pytest.raises(type(exc)): learn.fit(1, 1e-3)
+    assert n_hooks(learn.model) == 0 and stats.hooks is None
+    assert len(stats.iters) == 3  # batches 0, 1, 2 were recorded before the error
+
+
+def test_hooks_removed_after_cancel_and_never_doubled(fmnist):
+    class CountCalls(HookCallback):
+        def before_fit(self):
+            super().before_fit()
+            self.calls = 0
+        def hook(self, m, i, o): self.calls += 1
+    counter = CountCalls()
+    learn = make_learner(fmnist, [counter, Raise(CancelFitException(), at=3)])
+    learn.fit(1, 1e-3)
+    assert n_hooks(learn.model) == 0 and counter.calls == 4 * 5  # 4 training batches x 5 conv layers
+    learn.remove_cb(Raise)
+    learn.fit(1, 1e-3)
+    learn.fit(1, 1e-3)
+    assert counter.calls == 10 * 5  # one call per layer per training batch: hooks were not doubled
+    assert n_hooks(learn.model) == 0
+    learn.validate()  # validation outside fit registers nothing
+    assert n_hooks(learn.model) == 0
+
+
+def test_every_records_every_nth_training_batch(fmnist):
+    stats = ActivationStats(every=3)
+    learn = make_learner(fmnist, stats)
+    learn.fit(2, 1e-3)
+    assert stats.iters == list(range(0, 20, 3))
+    assert stats.stats['mean'].shape == (7, 5)
+
+
+# ---- ActivationStats: what it records ----------------------------------------------------------------------
+def test_activation_stats_match_direct_computation(fmnist):
+    model = simple_cnn()
+    convs = default_modules(model)
+    capture = Capture(convs)
+    stats = ActivationStats(with_hist=True, hist_sample=None, hist_range='symmetric')
+    learn = make_learner(fmnist, [stats, capture], model=model)
+    learn.fit(1, 0.01)
+    s = stats.stats
+    outs = capture.outputs
+    assert s['mean'].shape == (10, 5) and s['hist'].shape == (10, 5, 40) and len(outs) == 10
+    for b, batch in enumerate(outs):
+        for i, o in enumerate(batch):
+            assert s['mean'][b, i] == pytest.approx(o.mean().item(), rel=1e-4, abs=1e-6)
+            assert s['std'][b, i] == pytest.approx(o.std().item(), rel=1e-4)
+            assert s['near_zero'][b, i] == pytest.approx((o <= 0.05).float().mean().item(), abs=1e-6)
+            # Bins are computed in float64: histc in float32 would move values within rounding of an edge.
+            assert torch.equal(s['hist'][b, i], torch.histc(o.double(), 40, -10, 10).float())
+    df = stats.layer_stats(-2)
+    assert list(df.columns) == ['mean', 'std', 'near_zero'] and df.index.name == 'batch'
+    assert df['std'].tolist() == pytest.approx(s['std'][:, 3].tolist())
+
+
+def test_std_within_documented_precision_when_mean_dwarfs_spread(fmnist):
+    "Float32 sums keep the std within 0.1% while |mean| <= 100 std, as the docstring promises."
+    class Offset(nn.Module):
+        def forward(self, x): return 100. + (x - x.mean()) / x.std()  # mean 100, std 1
+    model = nn.Sequential(simple_cnn(), Offset(), nn.Linear(10, 10))
+    stats = ActivationStats(modules=[model[1]])
+    capture = Capture([model[1]])
+    make_learner(fmnist, [stats, capture], model=model).fit(1, 1e-3)
+    direct = torch.stack([o[0].double().std() for o in capture.outputs]).float()
+    assert torch.allclose(stats.stats['std'][:, 0], direct, rtol=1e-3)
+    assert torch.allclose(stats.stats['mean'][:, 0], torch.full((10,), 100.), rtol=1e-6)
+
+
+def test_sampled_histograms_keep_the_picture(fmnist):
+    "Histograms from a 4096-element sample, scaled up, match the full histograms of the same activations."
+    model = simple_cnn()
+    capture = Capture(default_modules(model))
+    stats = ActivationStats(with_hist=True)  # hist_sample=4096: layers 0-3 (100k, 50k, 32k, 16k elements) are sampled
+    make_learner(fmnist, [stats, capture], model=model).fit(1, 0.01)
+    sampled = stats.stats['hist']
+    full = torch.stack([torch.stack([torch.histc(o.double(), 40, 0, 10) for o in batch]) for batch in capture.outputs])
+    for layer in range(4):
+        n = capture.outputs[0][layer].numel()
+        s, f = sampled[:, layer].log1p(), full[:, layer].float().log1p()
+        # As documented: a bin the sample sees m times is off by about 1/sqrt(m) in log1p units. Where m >= 100,
+        # four standard errors is 0.4; over all bins the typical difference is small and the images correlate.
+        dense = full[:, layer] * 4096 / n >= 100
+        assert dense.sum() > 20
+        assert (s[dense] - f[dense]).abs().max() < 0.4
+        assert (s - f).abs().median() < 0.1
+        assert torch.corrcoef(torch.stack([s.flatten(), f.flatten()]))[0, 1] > 0.97
+    assert torch.equal(sampled[:, 4], full[:, 4].float())  # the last layer (640 elements) is histogrammed whole
+
+
+def test_records_stay_on_device_and_never_read_back_per_batch(monkeypatch, fmnist):
+    "Drive ActivationStats and GradientStats through training batches with every host read disabled."
+    x, y = normalized_slice(fmnist, 256, 1)[:2]
+    model = simple_cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    learn = SimpleNamespace(model=model, training=True, train_iter=0, device=torch.device('cpu'))
+    cbs = [ActivationStats(with_hist=True), GradientStats(dead_window=2)]
+    for cb in cbs:
+        cb.learn = learn
+        cb.before_fit()
+    def no_sync(*args, **kwargs): raise AssertionError("host read in the per-batch path")
+    for name in ('item', 'tolist', 'cpu', 'numpy', '__bool__', '__float__', '__int__', '__index__'):
+        monkeypatch.setattr(torch.Tensor, name, no_sync)
+    def fire(event):
+        for cb in cbs:
+            if hasattr(type(cb), event): getattr(cb, event)()
+    for xb, yb in zip(x.split(64), y.split(64)):
+        fire('before_batch')
+        F.cross_entropy(model(xb), yb).backward()
+        fire('before_step')
+        opt.step()
+        fire('after_step')
+        opt.zero_grad()
+        fire('after_batch')
+        learn.train_iter += 1
+    monkeypatch.undo()
+    for cb in cbs: cb.after_fit()
+    assert n_hooks(model) == 0
+    assert cbs[0].stats['mean'].shape == (4, 5) and cbs[1].stats['grad_norm'].shape == (4, 5)
+    assert cbs[1].stats['dead'].shape == (2, 4)
+
+
+def test_memory_grows_with_batches_layers_bins_not_activation_size(fmnist):
+    small, big = ActivationStats(with_hist=True, bins=20), ActivationStats(with_hist=True, bins=20)
+    make_learner(fmnist, small, model=simple_cnn()).fit(1, 1e-3)  # outputs of 640 to 100k elements
+    wide = nn.Sequential(nn.Conv2d(1, 256, 3, padding=1), nn.ReLU(), nn.Conv2d(256, 10, 28), nn.Flatten())
+    make_learner(fmnist, big, model=wide, n_train=128).fit(1, 1e-3)  # a 12.8M-element output
+    assert small._log.values().shape == (10, 5, 6 + 20)  # batches x layers x (6 + bins)
+    assert big._log.values().shape == (2, 2, 6 + 20)
+    assert big._work is None  # the working buffer is released when fit ends
+
+
+# ---- ActivationStats: reading and plotting ---------------------------------------------------------------
+def test_reading_api_with_negative_indices(fmnist):
+    stats = ActivationStats(with_hist=True)
+    learn = make_learner(fmnist, stats)
+    with pytest.raises(ValueError, match='recorded nothing'): stats.layer_stats(0)
+    learn.fit(1, 1e-3)
+    assert stats.layer_stats(-2).equals(stats.layer_stats(3))
+    assert stats.hist(-1).shape == (40, 10)
+    assert torch.equal(stats.hist(-2), stats.stats['hist'][:, 3].t().log1p())
+    with pytest.raises(IndexError, match=r'5 hooked layers \(valid: -5..4\)'): stats.layer_stats(5)
+    with pytest.raises(TypeError, match='int'): stats.hist('conv')
+    fig = stats.color_dim(-2)
+    img = fig.axes[0].images[0]
+    assert img.origin == 'lower' and img.get_array().shape == (40, 10)
+    assert len(stats.plot_layer_stats(-2).axes) == 3
+    assert sum(ax.get_visible() for ax in stats.plot_all().axes) == 5
+    no_hist = ActivationStats()
+    make_learner(fmnist, no_hist).fit(1, 1e-3)
+    with pytest.raises(ValueError, match='with_hist=True'): no_hist.color_dim(0)
+
+
+def test_include_paramless_records_relu_outputs(fmnist):
+    stats = ActivationStats(include_paramless=True)
+    make_learner(fmnist, stats).fit(1, 1e-3)
+    relus = [i for i, n in enumerate(stats.layer_names) if n.endswith('ReLU')]
+    assert len(relus) == 4
+    assert (stats.stats['mean'][:, relus] >= 0).all()
+
+
+# ---- GradientStats -------------------------------------------------------------------------------------------
+def test_gradient_stats_match_direct_computation(fmnist):
+    class Direct(Callback):
+        order = 90
+        def before_fit(self): self.norms, self.ratios = [], []
+        def before_step(self):
+            layers = default_modules(self.learn.model)
+            self.norms.append([math.sqrt(sum(p.grad.norm().item() ** 2 for p in m.parameters())) for m in layers])
+            self.before = [torch.cat([p.detach().flatten() for p in m.parameters()]) for m in layers]
+        def after_step(self):
+            after = [torch.cat([p.detach().flatten() for p in m.parameters()]) for m in default_modules(self.learn.model)]
+            self.ratios.append([((b - a).norm() / b.norm()).item() for b, a in zip(self.before, after)])
+    grads, direct = GradientStats(), Direct()
+    make_learner(fmnist, [grads, direct]).fit(1, 0.01)
+    s = grads.stats
+    assert s['layer_names'] == [f'{i}.0 Conv2d' for i in range(5)]
+    assert torch.allclose(s['grad_norm'], torch.tensor(direct.norms), rtol=1e-4)
+    assert torch.allclose(s['update_ratio'], torch.tensor(direct.ratios), rtol=1e-3)
+    figs = [grads.plot_grad_norms(), grads.plot_update_ratios(), grads.plot_dead_units(), grads.plot_all()]
+    assert len(figs[-1].axes) == 3
+
+
+def test_dead_units_are_counted_per_window(fmnist):
+    model = simple_cnn()
+    with torch.no_grad(): model[3][0].bias.fill_(-100.)  # every unit of the 4th ReLU is dead from the start
+    grads = GradientStats(dead_window=4)
+    make_learner(fmnist, grads, model=model).fit(1, 1e-4)
+    s = grads.stats
+    assert s['dead_iters'].tolist() == [3, 7, 9] and s['relu_names'][3] == '3.1 ReLU'
+    assert (s['dead'][:, 3] == 1).all() and (s['dead'][:, 0] < 0.5).all()
