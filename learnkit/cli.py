@@ -32,6 +32,9 @@ def build_parser():
                         'dataset-fashion-mnist, /usr/share/datasets/fashion-mnist)')
     t.add_argument('--out', type=Path, default=Path('runs/chapter'), help='run directory to write')
     t.add_argument('--seed', type=int, default=0, help='random seed for init and data order')
+    t.add_argument('--diagnostics', action=argparse.BooleanOptionalAction, default=True,
+                   help='record ActivationStats(with_hist=True) and GradientStats, and write plots/layer_stats.png, '
+                        'plots/color_dim.png and report.md (the health report)')
     t.add_argument('--n-train', type=int, default=None, help='use only the first N training images (quick runs)')
     t.add_argument('--n-valid', type=int, default=None, help='use only the first N validation images')
     return parser
@@ -42,7 +45,9 @@ def train(args):
     import torch
     from torch import nn
 
+    from .callbacks.activations import ActivationStats
     from .callbacks.distributed import is_rank0
+    from .callbacks.gradients import GradientStats
     from .data import DataLoaders, Normalize
     from .datasets import fashion_mnist
     from .learner import Learner
@@ -57,7 +62,8 @@ def train(args):
     x_valid, y_valid = data.x_valid[:args.n_valid], data.y_valid[:args.n_valid]
     dls = DataLoaders.from_tensors(x_train, y_train, x_valid, y_valid, bs=args.bs, batch_tfms=[Normalize()],
                                    vocab=data.classes, seed=args.seed)
-    learn = Learner(dls, simple_cnn(bn=args.bn), loss_func=nn.CrossEntropyLoss(), metrics=accuracy)
+    cbs = [ActivationStats(with_hist=True), GradientStats()] if args.diagnostics else []
+    learn = Learner(dls, simple_cnn(bn=args.bn), loss_func=nn.CrossEntropyLoss(), metrics=accuracy, cbs=cbs)
     out = args.out
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != 'command'}
     if is_rank0():                      # under torchrun only rank 0 writes and prints
@@ -73,7 +79,7 @@ def train(args):
 
 
 def write_run(learn, out):
-    "metrics.csv, weights, and the plots of a finished run."
+    "metrics.csv, weights, the plots of a finished run and, with diagnostics, the health report."
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -81,10 +87,22 @@ def write_run(learn, out):
 
     learn.recorder.df.to_csv(out / 'metrics.csv', index=False)
     torch.save(learn.model.state_dict(), out / 'model.pt')
-    for name, fig in (('loss', learn.recorder.plot_loss()), ('schedule', learn.recorder.plot_sched())):
+    plots = {'loss': learn.recorder.plot_loss, 'schedule': learn.recorder.plot_sched}
+    written = ['config.json', 'metrics.csv', 'model.pt']
+    if hasattr(learn, 'activation_stats'):
+        plots.update(layer_stats=lambda: learn.activation_stats.plot_layer_stats(-2),
+                     color_dim=learn.activation_stats.plot_all)
+    if hasattr(learn, 'gradient_stats'): plots['gradients'] = learn.gradient_stats.plot_all
+    for name, plot in plots.items():
+        fig = plot()
         fig.savefig(out / 'plots' / f'{name}.png', dpi=100, bbox_inches='tight')
         plt.close(fig)
-    print(f"wrote {out}/: config.json metrics.csv model.pt plots/loss.png plots/schedule.png", flush=True)
+        written.append(f'plots/{name}.png')
+    if hasattr(learn, 'activation_stats'):
+        report = learn.diagnose()
+        (out / 'report.md').write_text(report.to_markdown() + '\n')
+        written.append('report.md')
+    print(f"wrote {out}/: {' '.join(written)}", flush=True)
 
 
 def main(argv=None):

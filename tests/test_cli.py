@@ -29,8 +29,11 @@ def test_train_writes_a_run_directory(tmp_path):
     rows = list(csv.DictReader(open(out / 'metrics.csv')))
     assert len(rows) == 1 and float(rows[0]['accuracy']) > 0.3   # chance is 0.1
     assert json.loads((out / 'config.json').read_text())['bn'] is True
-    for f in ('model.pt', 'plots/loss.png', 'plots/schedule.png'):
+    for f in ('model.pt', 'plots/loss.png', 'plots/schedule.png', 'plots/layer_stats.png', 'plots/color_dim.png',
+              'plots/gradients.png'):
         assert (out / f).stat().st_size > 0
+    report = (out / 'report.md').read_text()
+    assert report.startswith('#') and 'collapse' in report.lower()
 
 
 def test_bad_flags_and_missing_data_are_reported(tmp_path):

@@ -152,8 +152,9 @@ class ActivationStats(HookCallback):
         self._hist_buf = torch.full((n_layers * k,), float('nan'), device=self.learn.device)
         if old is not None:  # grown in the middle of a batch: keep the samples already taken
             self._hist_buf.view(n_layers, k)[:, :old_k].copy_(old.view(n_layers, old_k))
-        block = torch.arange(n_layers, dtype=torch.float64).repeat_interleave(k) * (self.bins + 2)
-        self._hist_offsets = (block + 1 - lo * self.bins / (hi - lo)).to(self.learn.device)
+        # Built on the device: a host-to-device copy of pageable memory would sync the GPU.
+        block = torch.arange(n_layers, dtype=torch.float64, device=self.learn.device).repeat_interleave(k)
+        self._hist_offsets = block * (self.bins + 2) + 1 - lo * self.bins / (hi - lo)
         self._hist_pos = torch.empty_like(self._hist_offsets)
         self._hist_idx = torch.empty_like(self._hist_offsets, dtype=torch.int32)
 
