@@ -9,8 +9,11 @@ from .callback import (Callback, CancelBackwardException, CancelBatchException, 
                        EVENTS)
 from .callbacks.distributed import (DistributedCallback, distrib_ctx, is_rank0, num_distrib, rank0_only,
                                     rank_distrib, unwrap_model)
+from .callbacks.activations import ActivationStats
 from .callbacks.batch_size import BatchSizeScheduler, GradientAccumulation, GradientNoiseScale, noise_scale_estimate
 from .callbacks.core import GatherPredsCallback, TrainEvalCallback
+from .callbacks.gradients import GradientStats
+from .callbacks.hooks import Hook, HookCallback, Hooks, hook_output, hook_outputs
 from .callbacks.logging import CSVLogger, TensorBoardCallback
 from .callbacks.mixed_precision import MixedPrecision
 from .callbacks.progress import ProgressCallback
@@ -24,6 +27,7 @@ from .data import (Brightness, CategoryBlock, CenterCrop, Contrast, DataBlock, D
                    RandomResizedCrop, RandomSplitter, RegexLabeller, Resize, Rotate, TfmdDL, aug_transforms,
                    get_image_files, parent_label)
 from .datasets import fashion_mnist, fashion_mnist_tree
+from .diagnostics import ClassificationInterpretation, Finding, HealthReport, Thresholds, diagnose
 from .experiments import Comparison, compare
 from .learner import Learner, default_callbacks, default_device
 from .metrics import AvgLoss, AvgMetric, AvgSmoothLoss, Metric, accuracy, error_rate
