@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import normalized_slice, torch_dls
-from learnkit import Callback, CancelFitException, Learner
+from learnkit import Callback, CancelFitException, CancelStepException, Learner
 from learnkit.callbacks.activations import ActivationStats
 from learnkit.callbacks.gradients import GradientStats
 from learnkit.callbacks.hooks import HookCallback, Hook, Hooks, default_modules, hook_output, hook_outputs
@@ -271,3 +271,16 @@ def test_dead_units_are_counted_per_window(fmnist):
     s = grads.stats
     assert s['dead_iters'].tolist() == [3, 7, 9] and s['relu_names'][3] == '3.1 ReLU'
     assert (s['dead'][:, 3] == 1).all() and (s['dead'][:, 0] < 0.5).all()
+
+
+def test_gradient_stats_skip_steps_another_callback_cancelled(fmnist):
+    "A step skipped before GradientStats sees it (as MixedPrecision does on an fp16 overflow) is not recorded."
+    class SkipOddSteps(Callback):
+        order = 10
+        def before_step(self):
+            if self.learn.iter % 2: raise CancelStepException()
+    grads = GradientStats()
+    make_learner(fmnist, [grads, SkipOddSteps()]).fit(1, 0.01)
+    s = grads.stats
+    assert grads.iters == [0, 2, 4, 6, 8]
+    assert torch.isfinite(s['update_ratio']).all() and (s['update_ratio'] > 0).all()

@@ -40,7 +40,7 @@ class GradientStats(Callback):
             raise ValueError(f"dead_window must be a positive int (batches per dead-unit window); got {dead_window!r}")
         self.every, self.dead_window, self.modules = every, dead_window, modules
         self.layer_names, self.relu_names, self.iters, self.dead_iters = [], [], [], []
-        self._log, self._dead_log, self._relu_hooks, self._active = TensorLog(), TensorLog(), None, False
+        self._log, self._dead_log, self._relu_hooks, self._active, self._snapped = TensorLog(), TensorLog(), None, False, False
 
     def before_fit(self):
         self._remove()
@@ -67,6 +67,7 @@ class GradientStats(Callback):
     def before_batch(self):
         self._iter = self.learn.train_iter  # read now: TrainEvalCallback advances it before our after_batch
         self._active = self.learn.training and (self.every is None or self._iter % self.every == 0)
+        self._snapped = False
 
     def _relu_hook(self, module, inp, out):
         if not self._active or out.ndim < 2: return
@@ -83,6 +84,11 @@ class GradientStats(Callback):
         self._layer_norms(torch._foreach_norm(grads), out=self._row[0])
         self._weight_sq = self._layer_sq(torch._foreach_norm(self._params))
         torch._foreach_copy_(self._prev, self._params)
+        self._snapped = True
+
+    def after_cancel_step(self):
+        # A callback before us skipped the step (MixedPrecision on an fp16 overflow): nothing to measure this batch.
+        if not self._snapped: self._active = False
 
     @torch.no_grad()
     def after_step(self):
@@ -127,7 +133,7 @@ class GradientStats(Callback):
         torch.sqrt(self._layer_sq(norms), out=out)
 
     def _remove(self):
-        self._active = False
+        self._active, self._prev = False, []  # the snapshot is as large as the model: free it between fits
         if self._relu_hooks is not None:
             self._relu_hooks.remove()
             self._relu_hooks = None
