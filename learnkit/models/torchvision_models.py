@@ -39,7 +39,10 @@ def _weights_path(weights) -> Path:
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == '.safetensors':
-        from safetensors.torch import load_file
+        try: from safetensors.torch import load_file
+        except ImportError as e:
+            raise ImportError(f"{path} is a .safetensors file, which needs the safetensors package: "
+                              "pip install 'learnkit[safetensors]' (or save the weights as .pt)") from e
         return load_file(str(path))
     try: state = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
