@@ -4,10 +4,13 @@
     python bench/activations.py --bs 512 --repeats 9
     python bench/activations.py --device cuda        # on a GPU
 
-Variants, each hooking every layer with parameters on every training batch:
+Variants, each hooking every layer with parameters on every training batch (each run trains the model from the
+same initial weights):
   plain        the loop alone: forward, cross-entropy, backward, Adam step, on batches already in memory
   learnkit     + learnkit's ActivationStats(with_hist=True) (sampled histograms, records on the device)
   exact_hist   + ActivationStats(with_hist=True, hist_sample=None) (every element histogrammed)
+  no_hist      + ActivationStats() (mean, std, near_zero only)
+  sample2k     + ActivationStats(with_hist=True, hist_sample=2048) (a smaller histogram sample)
   naive        + a straightforward on-device hook: mean, std, (o <= 0.05).float().mean(), histc(40, 0, 10),
                  kept in Python lists (no sync, but many kernels)
   fastai       + fastai's hook: the same, read with .item() three times per layer per batch
@@ -98,14 +101,17 @@ def bench(bn, args, device, sync):
     x = (ds.x_train[:args.bs * args.batches, None].float() / 255 - 0.286) / 0.353
     batches = [(xb.to(device), yb.to(device)) for xb, yb in zip(x.split(args.bs), ds.y_train.split(args.bs))]
     model = simple_cnn(bn=bn).to(device)
-    # A small lr keeps the statistics' workload realistic (no collapse to constant outputs) over many repeats.
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    def fresh():
+        "Every run trains the same model from the same weights, so every variant sees the same workload."
+        model.load_state_dict(init)
+        return torch.optim.Adam(model.parameters(), lr=1e-3)
     names = args.variants.split(',')
     times = {n: [] for n in names}
-    run(model, opt, batches[:5], None, sync)  # warm up
+    run(model, fresh(), batches[:5], None, sync)  # warm up
     for r in range(args.repeats):
         order = names[r % len(names):] + names[:r % len(names)]
-        for n in order: times[n].append(run(model, opt, batches, make_variant(n, model, device), sync))
+        for n in order: times[n].append(run(model, fresh(), batches, make_variant(n, model, device), sync))
     rows = []
     for n in names:
         row = [f"simple_cnn(bn={bn})", n]
