@@ -94,7 +94,7 @@ def _write_images(folder: str, fmt: str, start: int, images: np.ndarray, labels:
         t = torch.from_numpy(img)[None]
         data = encode_png(t) if fmt == 'png' else encode_jpeg(t, quality=95)
         with open(os.path.join(folder, tree_label(FASHION_MNIST_CLASSES[lbl]), f'{i}.{fmt}'), 'wb') as f:
-            f.write(data.numpy().tobytes())
+            f.write(data.numpy().tobytes())  # sync-ok: host tensors, writing files
 
 
 def fashion_mnist_tree(dest, path=None, n_train=None, n_valid=None, fmt='png', workers=None) -> Path:
@@ -120,7 +120,7 @@ def fashion_mnist_tree(dest, path=None, n_train=None, n_valid=None, fmt='png', w
     for split, x, y, n in (('training', ds.x_train, ds.y_train, n_train), ('testing', ds.x_valid, ds.y_valid, n_valid)):
         folder = dest / split
         for name in FASHION_MNIST_CLASSES: (folder / tree_label(name)).mkdir(parents=True, exist_ok=True)
-        x, y = x[:n].numpy(), y[:n].numpy()
+        x, y = x[:n].numpy(), y[:n].numpy()  # sync-ok: host tensors, writing files
         jobs += [(str(folder), fmt, s, x[s:s + 2500], y[s:s + 2500]) for s in range(0, len(x), 2500)]
     workers = workers or min(8, os.cpu_count() or 1)
     if workers > 1 and len(jobs) > 1:

@@ -229,8 +229,8 @@ class ActivationStats(HookCallback):
         "A DataFrame of one layer's `mean`, `std` and `near_zero` per recorded batch, indexed by batch number."
         import pandas as pd
         i, s = self._layer(idx), self.stats
-        return pd.DataFrame({k: s[k][:, i].numpy() for k in ('mean', 'std', 'near_zero')},
-                            index=pd.Index(s['iters'].numpy(), name='batch'))
+        return pd.DataFrame({k: s[k][:, i].numpy() for k in ('mean', 'std', 'near_zero')},  # sync-ok: read on request
+                            index=pd.Index(s['iters'].numpy(), name='batch'))  # sync-ok: read on request
 
     def hist(self, idx):
         "log1p of layer `idx`'s histogram counts, shaped (bins, batches): column t is batch t's histogram."

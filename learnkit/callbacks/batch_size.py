@@ -204,7 +204,7 @@ class GradientNoiseScale(Callback):
         """One row per measurement: `iter` (training batch), `epoch`, `bs` (the big batch), the raw estimates
         `grad_sq` (|G|^2) and `trace` (tr(Sigma)), their EMAs, and `noise_scale` = trace_ema / grad_sq_ema."""
         import pandas as pd
-        vals = self._log.numpy().reshape(-1, 4)
+        vals = self._log.numpy().reshape(-1, 4)  # sync-ok: read on request
         df = pd.DataFrame(self._rows, columns=['iter', 'epoch', 'bs'])
         for i, col in enumerate(['grad_sq', 'trace', 'grad_sq_ema', 'trace_ema']): df[col] = vals[:, i]
         df['noise_scale'] = df.trace_ema / df.grad_sq_ema

@@ -116,7 +116,7 @@ class TensorBoardCallback(Callback):
             centres = (edges[:-1] + edges[1:]) / 2
             self.writer.add_histogram_raw(f'activations/{name}', min=lo, max=hi, num=float(counts.sum()),
                                           sum=float(counts @ centres), sum_squares=float(counts @ centres ** 2),
-                                          bucket_limits=edges[1:].tolist(), bucket_counts=counts.tolist(),
+                                          bucket_limits=edges[1:].tolist(), bucket_counts=counts.tolist(),  # sync-ok: epoch end
                                           global_step=step)
 
     def after_fit(self): self.cleanup_fit()

@@ -108,7 +108,7 @@ class Recorder(Callback):
     @property
     def losses(self):
         "Smoothed (debiased) training loss per batch, as a list of floats (read from the device now)."
-        raw = self._raw_losses.numpy()
+        raw = self._raw_losses.numpy()  # sync-ok: read on request
         beta = self.smooth_loss.beta
         return [float(v) / (1 - beta ** (i + 1)) for i, v in enumerate(raw)]
 

@@ -201,7 +201,7 @@ class TerminateOnNaNCallback(Callback):
                 if not wait: return
                 copied.synchronize()  # sync-ok: epoch end or before a checkpoint
             self._reads.pop(0)
-            bad = [w for w, flag in zip(where, host.tolist()) if flag]
+            bad = [w for w, flag in zip(where, host.tolist()) if flag]  # sync-ok: periodic, documented
             if bad: self._stop(*bad[0])
 
     def _stop(self, epoch, batch, seen):
