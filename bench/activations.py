@@ -7,10 +7,11 @@
 Variants, each hooking every layer with parameters on every training batch (each run trains the model from the
 same initial weights):
   plain        the loop alone: forward, cross-entropy, backward, Adam step, on batches already in memory
-  learnkit     + learnkit's ActivationStats(with_hist=True) (sampled histograms, records on the device)
-  exact_hist   + ActivationStats(with_hist=True, hist_sample=None) (every element histogrammed)
+  learnkit     + learnkit's ActivationStats(with_hist=True) (exact mean/std, near_zero and histograms from a
+               2048-element sample, records on the device)
+  exact_hist   + ActivationStats(with_hist=True, sample=None) (every element counted and histogrammed)
   no_hist      + ActivationStats() (mean, std, near_zero only)
-  sample2k     + ActivationStats(with_hist=True, hist_sample=2048) (a smaller histogram sample)
+  sample4k     + ActivationStats(with_hist=True, sample=4096) (a larger sample)
   naive        + a straightforward on-device hook: mean, std, (o <= 0.05).float().mean(), histc(40, 0, 10),
                  kept in Python lists (no sync, but many kernels)
   fastai       + fastai's hook: the same, read with .item() three times per layer per batch
@@ -70,9 +71,9 @@ class CallbackDriver:
 def make_variant(name, model, device):
     if name == 'plain': return None
     if name == 'learnkit': return CallbackDriver(model, ActivationStats(with_hist=True), device)
-    if name == 'exact_hist': return CallbackDriver(model, ActivationStats(with_hist=True, hist_sample=None), device)
+    if name == 'exact_hist': return CallbackDriver(model, ActivationStats(with_hist=True, sample=None), device)
     if name == 'no_hist': return CallbackDriver(model, ActivationStats(), device)
-    if name == 'sample2k': return CallbackDriver(model, ActivationStats(with_hist=True, hist_sample=2048), device)
+    if name == 'sample4k': return CallbackDriver(model, ActivationStats(with_hist=True, sample=4096), device)
     return PlainHooks(model, {'naive': naive_hook, 'fastai': fastai_hook}[name])
 
 

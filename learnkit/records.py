@@ -8,7 +8,7 @@ class TensorLog:
     """A series of equally shaped tensors, kept on their device and read in bulk.
 
     `append(x)` copies `x` (one device kernel, no host sync); `append(x, copy=False)` only keeps a
-    reference, for a fresh tensor the caller will not modify in place. Every `chunk` appends the pending
+    reference, for a fresh tensor the caller will not modify in place; `extend(rows)` copies a block of rows. Every `chunk` appends the pending
     rows are stacked into one growing device buffer, so memory is O(rows x row size).
     `values()` returns the rows as one tensor on the device; `numpy()` reads them with one transfer.
     """
@@ -19,10 +19,18 @@ class TensorLog:
         self._pending.append(x.detach().clone() if copy else x.detach())
         if len(self._pending) >= self.chunk: self._flush()
 
+    def extend(self, rows):
+        "Append each row of `rows` (copied: one device kernel, no host sync)."
+        self._flush()
+        self._write(rows.detach())
+
     def _flush(self):
         if not self._pending: return
         block = torch.stack(self._pending)
         self._pending = []
+        self._write(block)
+
+    def _write(self, block):
         if self.buf is None:
             self.buf = torch.empty((max(self.chunk, len(block)), *block.shape[1:]), dtype=block.dtype,
                                    device=block.device)

@@ -75,7 +75,9 @@ def test_recorded_stats_are_those_of_the_activations(baseline):
     for b, out in enumerate(outputs):
         assert df['mean'].iloc[b] == pytest.approx(out.mean().item(), rel=1e-4, abs=1e-6)
         assert df['std'].iloc[b] == pytest.approx(out.std().item(), rel=1e-3)
-        assert df['near_zero'].iloc[b] == pytest.approx((out <= 0.05).float().mean().item(), abs=1e-6)
+        # near_zero comes from a 2048-element sample of the 16,384: within 4 standard errors, as documented
+        f = (out <= 0.05).float().mean().item()
+        assert df['near_zero'].iloc[b] == pytest.approx(f, abs=4 * (f * (1 - f) / 2048) ** 0.5 + 1e-6)
 
 
 def test_one_cycle_trains_where_the_baseline_collapsed(dls, baseline):

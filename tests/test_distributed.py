@@ -194,7 +194,7 @@ def _train_worker(out):
 
     # One batch of N_ACT images, half on each rank, through the trained weights (lr=0 leaves them as they are).
     stats_learn = _learner(_dls(fm, N_ACT // world, n_train=N_ACT, n_valid=VAL_BS), learn.model,
-                           cbs=[ActivationStats(with_hist=True, hist_range='symmetric', hist_sample=None),
+                           cbs=[ActivationStats(with_hist=True, hist_range='symmetric', sample=None),
                                 GradientStats(dead_window=1)])
     with stats_learn.no_logging(): stats_learn.fit(1, lr=0.)
     stats = stats_learn.activation_stats.stats

@@ -118,7 +118,7 @@ def test_activation_stats_match_direct_computation(fmnist):
     model = simple_cnn()
     convs = default_modules(model)
     capture = Capture(convs)
-    stats = ActivationStats(with_hist=True, hist_sample=None, hist_range='symmetric')
+    stats = ActivationStats(with_hist=True, sample=None, hist_range='symmetric')
     learn = make_learner(fmnist, [stats, capture], model=model)
     learn.fit(1, 0.01)
     s = stats.stats
@@ -149,11 +149,12 @@ def test_std_within_documented_precision_when_mean_dwarfs_spread(fmnist):
     assert torch.allclose(stats.stats['mean'][:, 0], torch.full((10,), 100.), rtol=1e-6)
 
 
-def test_sampled_histograms_keep_the_picture(fmnist):
-    "Histograms from a 4096-element sample, scaled up, match the full histograms of the same activations."
+def test_sampled_histograms_and_near_zero_keep_the_picture(fmnist):
+    """Histograms from a 2048-element sample, scaled up, match the full histograms of the same activations, and
+    near_zero from the same sample is within the documented standard error of the full count."""
     model = simple_cnn()
     capture = Capture(default_modules(model))
-    stats = ActivationStats(with_hist=True)  # hist_sample=4096: layers 0-3 (100k, 50k, 32k, 16k elements) are sampled
+    stats = ActivationStats(with_hist=True)  # sample=2048: layers 0-3 (100k, 50k, 32k, 16k elements) are sampled
     make_learner(fmnist, [stats, capture], model=model).fit(1, 0.01)
     sampled = stats.stats['hist']
     full = torch.stack([torch.stack([torch.histc(o.double(), 40, 0, 10) for o in batch]) for batch in capture.outputs])
@@ -162,12 +163,45 @@ def test_sampled_histograms_keep_the_picture(fmnist):
         s, f = sampled[:, layer].log1p(), full[:, layer].float().log1p()
         # As documented: a bin the sample sees m times is off by about 1/sqrt(m) in log1p units. Where m >= 100,
         # four standard errors is 0.4; over all bins the typical difference is small and the images correlate.
-        dense = full[:, layer] * 4096 / n >= 100
+        dense = full[:, layer] * 2048 / n >= 100
         assert dense.sum() > 20
         assert (s[dense] - f[dense]).abs().max() < 0.4
         assert (s - f).abs().median() < 0.1
         assert torch.corrcoef(torch.stack([s.flatten(), f.flatten()]))[0, 1] > 0.97
     assert torch.equal(sampled[:, 4], full[:, 4].float())  # the last layer (640 elements) is histogrammed whole
+    near = stats.stats['near_zero']
+    direct = torch.tensor([[(o <= 0.05).double().mean().item() for o in batch] for batch in capture.outputs])
+    se = (direct * (1 - direct) / 2048).sqrt()
+    errors = (near.double() - direct).abs()
+    assert (errors[:, :4] <= 4 * se[:, :4] + 1e-6).all()  # sampled layers: within 4 standard errors (<= 4.4 points)
+    assert errors[:, :4].max() > 0  # ... and they really are estimates
+    assert torch.equal(near[:, 4].double(), direct[:, 4].float().double())  # counted whole: exact
+
+
+def test_reading_the_records_during_fit_changes_nothing(fmnist):
+    """Batches are staged and finished a few at a time; reading `stats` in the middle of a batch (after the
+    forward, before after_batch) finishes the whole batches only, and the records come out the same."""
+    class ReadMidBatch(Callback):
+        def after_loss(self):
+            if self.training: self.seen.append(len(self.learn.activation_stats.stats.get('mean', [])))
+    def run(*extra):
+        torch.manual_seed(0)
+        stats = ActivationStats(with_hist=True)
+        make_learner(fmnist, [stats, *extra], model=simple_cnn()).fit(1, 0.01)
+        return stats.stats
+    reader = ReadMidBatch()
+    reader.seen = []
+    plain, read = run(), run(reader)
+    assert reader.seen == list(range(10))  # every read saw exactly the batches finished before it
+    for k in ('mean', 'std', 'near_zero', 'hist'):
+        assert torch.equal(plain[k], read[k]), k
+
+
+def test_sample_argument(fmnist):
+    with pytest.raises(ValueError, match='sample must be a positive int or None'): ActivationStats(sample=0)
+    with pytest.warns(FutureWarning, match='now `sample`'):
+        renamed = ActivationStats(hist_sample=1024)  # the first release's name
+    assert renamed.sample == 1024
 
 
 def test_records_stay_on_device_and_never_read_back_per_batch(monkeypatch, fmnist):
@@ -207,9 +241,9 @@ def test_memory_grows_with_batches_layers_bins_not_activation_size(fmnist):
     make_learner(fmnist, small, model=simple_cnn()).fit(1, 1e-3)  # outputs of 640 to 100k elements
     wide = nn.Sequential(nn.Conv2d(1, 256, 3, padding=1), nn.ReLU(), nn.Conv2d(256, 10, 28), nn.Flatten())
     make_learner(fmnist, big, model=wide, n_train=128).fit(1, 1e-3)  # a 12.8M-element output
-    assert small._log.values().shape == (10, 5, 6 + 20)  # batches x layers x (6 + bins)
-    assert big._log.values().shape == (2, 2, 6 + 20)
-    assert big._work is None  # the working buffer is released when fit ends
+    assert small._log.values().shape == (10, 5, 5 + 20)  # batches x layers x (5 + bins)
+    assert big._log.values().shape == (2, 2, 5 + 20)
+    assert big._samples is None  # the sample buffer is released when fit ends
 
 
 # ---- ActivationStats: reading and plotting ---------------------------------------------------------------

@@ -1,16 +1,24 @@
 """ActivationStats: per-batch statistics and histograms of layer outputs, recorded on the device.
 
-The hot path is the forward hook, and it is short: for a hooked output `x` of n elements it launches a fixed
-number of kernels, whatever n is, each writing its number straight into this batch's row (a preallocated
-(layers, 6 + bins) tensor). On the CPU: `sum(x)`, `dot(x, x)`, and `sum(x <= 0.05)` computed as floats in a reused
-buffer (a comparison into a float buffer and a float sum are vectorised; a bool mask and its count are several
-times slower). On CUDA: one Welford `var_mean` and the same near-zero sum. For histograms, a strided view of a
-fixed-size sample (no kernel). Once per batch, for all layers together, one `cat`, `clamp_`, `add` and `bincount`
-(`histc` on CUDA, where bincount would sync) bin every layer's sample, each layer's values moved to their own
-block of bins, and one `TensorLog` append keeps the row. Nothing is read back to the host until a plot, a
-DataFrame or the health report asks, and then all batches come back in one transfer.
+The hot path is the forward hook, and it is short: for a hooked output `x` of n elements it launches three
+kernels, whatever n is: `dot(x, 1)` and `dot(x, x)`, kept for this batch's row of the records, and an
+`index_select` of a fixed-size random sample of `x` into the layer's slot of this batch's sample buffer.
+Nothing else happens per batch. Every `depth` batches (up to 16; and whenever the records are read, and when
+fit ends) the staged batches are finished together: one comparison and one sum count the near-zero values of
+every sample, one `nan_to_num`, `clamp_`, `add` and `bincount` (`histc` on CUDA, where bincount would sync)
+bin them all, each (batch, layer) in its own block of bins, and one copy appends the rows to a `TensorLog`.
+Inside a training step each tensor op costs several microseconds of fixed overhead on the CPU (a kernel launch
+on a GPU), so running these ops once per `depth` batches rather than once per batch is most of what makes the
+histograms cheap. Nothing is read back to the host until a plot, a DataFrame or the health report asks, and
+then all batches come back in one transfer.
+
+Why near_zero comes from the sample: counting the values <= 0.05 of every element takes a comparison pass
+that writes a buffer and a second pass that sums it; on the CPU those two passes cost as much as the rest of
+the statistics together (about 7% of a training step of the chapter's simple_cnn at bs 64). Counting them in
+the sample the histogram takes anyway costs almost nothing, at a standard error of at most 1.1 points.
 """
 import random
+import warnings
 
 import torch
 
@@ -19,11 +27,14 @@ from .hooks import HookCallback, layer_index
 
 __all__ = ['ActivationStats', 'activation_summary', 'NEAR_ZERO']
 
+_UNSET = object()
+_POOL = 16  # sets of sample positions per output size; each batch uses one, drawn at random
+_STAGE_VALUES = 2 ** 19  # staged sample values (2 MB of float32): the number of batches finished together
 NEAR_ZERO = 0.05  # fastai's threshold: an activation <= 0.05 counts as "near zero"
 
 # Columns of a raw record row (one row per hooked layer per recorded batch), then `bins` histogram counts:
-# the shift c, sum(x - c), sum((x - c)^2), count(x <= 0.05), n elements, n elements histogrammed.
-_SHIFT, _SUM, _SUMSQ, _NEAR, _NUMEL, _NHIST, _HIST = range(7)
+# sum(x), sum(x^2), count(sample <= 0.05), n elements, n elements in the sample.
+_SUM, _SUMSQ, _NEAR, _NUMEL, _NSAMPLE, _HIST = range(6)
 
 
 class ActivationStats(HookCallback):
@@ -40,56 +51,69 @@ class ActivationStats(HookCallback):
     penultimate hooked layer).
 
     Cost and memory: the statistics stay on the device and nothing syncs per batch. The records take
-    `batches x layers x (6 + bins)` float32 numbers (about 1 MB for 1,000 batches of 5 layers with 40 bins) and
-    never grow with the size of the activations; during fit, one float32 working buffer the size of the
-    largest hooked output, and one of `layers x hist_sample` numbers for the histograms, are reused by
-    every batch (freed when fit ends).
+    `batches x layers x (5 + bins)` float32 numbers (about 1 MB for 1,000 batches of 5 layers with 40 bins) and
+    never grow with the size of the activations. During fit, the samples of up to 16 batches are staged
+    before they are counted and binned together: at most 2 MB of float32 samples (`layers x sample` values per
+    batch; with `sample=None`, one batch of `layers x` the largest output), and five times that in working
+    buffers for the histograms, all freed when fit ends.
 
-    Precision: on the CPU the mean and std come from float32 sums of x and x^2 (combined in float64), whose
-    relative error in the variance is about 1e-7 (mean / std)^2: below 0.1% while |mean| < 100 std, which
+    Mean and std are computed from every element, from float32 sums of x and x^2 combined in float64: the
+    relative error in the variance is about 1e-7 (mean / std)^2, below 0.1% while |mean| < 100 std, which
     activations and pre-activations stay well within; a layer whose outputs are a near-constant far from zero
-    (|mean| > 1000 std) gets a std that is only an upper bound. On CUDA a Welford `var_mean` is exact.
+    (|mean| > 1000 std) gets a std that is only an upper bound.
 
-    Sampled histograms: when a layer's output has more than `hist_sample` elements, its histogram is computed
-    from a sample of `hist_sample` of them, every p-th element from a random start (p the largest prime that
-    fits, so the sample cuts across channels, rows and columns; the start comes from a private generator, so
-    training randomness is untouched), and scaled by n / hist_sample to estimate the full counts. A bin holding a
-    fraction p of the activations then has a relative error of about sqrt((1 - p) / (p * hist_sample)): 1.6% at
-    p = 0.5 and 16% at p = 0.01 for the default 4096. In the log1p units `color_dim` shows, a bin whose sample
-    count is m is off by about 1/sqrt(m): under 0.1 where the sample has 100 or more values in the bin, and the
-    colours of sparse bins flicker; bins below about 1 / hist_sample of the mass may read 0 on a given batch.
-    Mean, std and near_zero are always computed from every element. `hist_sample=None` histograms every
-    element (exact, slower).
+    Sampling: when a layer's output has more than `sample` elements, its near_zero fraction and its histogram
+    are estimated from `sample` of them, drawn uniformly at random with replacement (each batch uses one of 16
+    sets of positions drawn once per fit, from a private generator, so training randomness is untouched);
+    outputs of at most `sample` elements are counted whole, exactly.
+    - near_zero: the standard error is sqrt(f (1 - f) / sample) for a true fraction f, at most 1.1 points for
+      the default 2048 (0.2 points at f = 0.01 or 0.99; 0 at f = 0 or 1, so a collapsed layer reads 1.00).
+    - Histograms are scaled by n / sample to estimate the full counts. A bin holding a fraction p of the
+      activations has a relative error of about sqrt((1 - p) / (p * sample)): 2.2% at p = 0.5 and 22% at
+      p = 0.01. In the log1p units `color_dim` shows, a bin whose sample count is m is off by about 1/sqrt(m):
+      under 0.1 where the sample has 100 or more values in the bin, and the colours of sparse bins flicker;
+      bins below about 1 / sample of the mass may read 0 on a given batch.
+    `sample=None` counts and histograms every element (exact; on the CPU about twice the cost).
     """
-    def __init__(self, with_hist=False, modules=None, every=None, bins=40, hist_range=(0, 10), hist_sample=4096,
-                 include_paramless=False):
+    def __init__(self, with_hist=False, modules=None, every=None, bins=40, hist_range=(0, 10), sample=2048,
+                 include_paramless=False, hist_sample=_UNSET):
         super().__init__(modules=modules, every=every, include_paramless=include_paramless)
+        if hist_sample is not _UNSET:
+            warnings.warn("ActivationStats(hist_sample=...) is now `sample`: it sizes the sample that both near_zero "
+                          "and the histogram are taken from", FutureWarning, stacklevel=2)
+            sample = hist_sample
         if not isinstance(bins, int) or bins < 1: raise ValueError(f"bins must be a positive int; got {bins!r}")
-        if hist_sample is not None and (not isinstance(hist_sample, int) or hist_sample < 1):
-            raise ValueError(f"hist_sample must be a positive int or None (histogram every element); got {hist_sample!r}")
-        self.with_hist, self.bins, self.hist_sample = with_hist, bins, hist_sample
+        if sample is not None and (not isinstance(sample, int) or isinstance(sample, bool) or sample < 1):
+            raise ValueError(f"sample must be a positive int or None (count every element); got {sample!r}")
+        self.with_hist, self.bins, self.sample = with_hist, bins, sample
         self.hist_range = _check_range(hist_range)
         self._reset()
 
     def _reset(self):
-        self._log, self.iters, self._cache, self._sizes, self._hist_k = TensorLog(), [], None, [], 0
-        self._work = self._hist_buf = self._hist_offsets = None
+        self._log, self.iters, self._cache, self._layers = TensorLog(), [], None, []
+        self._samples, self._k, self._b, self._done, self._depth = None, 0, 0, 0, 0
 
     def before_fit(self):
         super().before_fit()
         self._reset()
-        n = len(self.hooked_modules)
+        n, dev = len(self.hooked_modules), self.learn.device
         self._layer_of = {id(m): i for i, m in enumerate(self.hooked_modules)}
-        self._moments = self.learn.device.type == 'cuda'  # CUDA: one Welford kernel; CPU: plain sums (faster there)
-        # This batch's row: each hook writes its layer's numbers straight into it; after the batch it is appended.
-        self._row = torch.zeros(n, _HIST + (self.bins if self.with_hist else 0), device=self.learn.device)
-        self._cells = [tuple(self._row[i, j] for j in (_SHIFT, _SUM, _SUMSQ, _NEAR)) for i in range(n)]
-        self._sizes = [None] * n     # per layer: (n elements, working buffer view, sample step, sample slot)
+        self._layers = [None] * n  # per layer, its output size and its per-staged-batch views (see _new_size)
         self._fired = [False] * n
-        self._strides, self._rng = {}, random.Random(0)
-        if self.with_hist: self._new_hist_buffer(self.hist_sample or 1)
+        self._ones = torch.ones(0, device=dev)
+        self._zero, self._sums = torch.zeros((), device=dev), []  # per staged batch and layer: sum, sum of squares
+        self._sizes = torch.zeros(n, 2, device=dev)  # per layer: its current n elements and n sampled
+        self._pools, self._pick, self._rng = {}, 0, random.Random(0)
+        # Sample positions come from a private generator on the device: training randomness is untouched, and
+        # nothing is copied from the host (a pageable host-to-device copy would sync the GPU).
+        self._gen = torch.Generator(device=dev).manual_seed(0)
+        self._new_buffers(self.sample or 1)
 
-    # ---- the per-batch path: no host reads, a fixed number of kernels per layer ---------------------------
+    def before_batch(self):
+        super().before_batch()
+        if self._active: self._pick = self._rng.randrange(_POOL)  # this batch's sample positions, for every layer
+
+    # ---- the per-batch path: no host reads, three kernels per layer ----------------------------------------
     def _gated_hook(self, module, inp, out):
         if self._active: self.hook(module, inp, out)  # skips HookCallback's detaching of the inputs
 
@@ -98,111 +122,141 @@ class ActivationStats(HookCallback):
         x = (out if isinstance(out, torch.Tensor) else _first_tensor(out)).detach()
         if x.dtype != torch.float32: x = x.float()
         flat = x.view(-1) if x.is_contiguous() else _flat(x)
-        n = flat.numel()
-        size = self._sizes[i]
-        if size is None or size[0] != n:
-            if n == 0: return
-            size = self._new_size(i, n, flat.device)
-        _, work, step, slot = size
-        shift, s, ss, near = self._cells[i]
-        if self._moments:  # shift = mean, sum(x - shift) = 0, sum((x - shift)^2) = n * var
-            var, mean = torch.var_mean(flat, correction=0)
-            shift.copy_(mean)
-            torch.mul(var, n, out=ss)
-        else:
-            # Plain float32 sums: exact enough for diagnostics (see the class docstring) and half the passes
-            # over the data of a shifted two-pass variance.
-            torch.sum(flat, 0, out=s)
-            torch.dot(flat, flat, out=ss)
-        torch.sum(torch.le(flat, NEAR_ZERO, out=work), 0, out=near)
-        if self.with_hist:  # copy the sample now, while the output is in cache; `_histograms` bins all layers at once
-            if step is None: slot.copy_(flat)
-            else:
-                start = self._rng.randrange(n - step * (self.hist_sample - 1))
-                slot.copy_(flat[start:start + step * self.hist_sample:step])
+        layer = self._layers[i]
+        if layer is None or layer[0] != flat.numel():
+            if flat.numel() == 0: return
+            layer = self._new_size(i, flat.numel())
+        _, ones, pool, slots = layer
+        slot, cell = slots[self._b], 2 * (self._b * len(self._layers) + i)
+        # BLAS dots (faster than torch.sum on the CPU), kept as they come; `_finish` stacks them all in one op
+        # (an `out=` here would add a copy per dot).
+        self._sums[cell] = torch.dot(flat, ones)
+        self._sums[cell + 1] = torch.dot(flat, flat)
+        # Copy the sample now, while the output is in cache and before a later in-place op can change it.
+        if pool is None: slot.copy_(flat)
+        else: torch.index_select(flat, 0, pool[self._pick], out=slot)
         self._fired[i] = True
-
-    def _new_size(self, i, n, device):
-        "A layer's output size changed (first batch, a smaller last batch): its counts, buffer, sample and slot."
-        if self._work is None or self._work.numel() < n:
-            self._work = torch.empty(n, device=device)  # one buffer for all layers: they run one at a time
-            self._sizes = [None] * len(self._sizes)  # re-derive the other layers' views of it
-        step, slot = None, None
-        if self.with_hist:
-            step = self._stride(n)
-            if step is None and n > self._hist_k: self._new_hist_buffer(n)  # hist_sample=None: slots fit every output
-            slot = self._hist_buf[i * self._hist_k:(i + 1) * self._hist_k]
-            if step is None:  # the whole output fits: the rest of the slot stays NaN, which the histogram drops
-                slot[n:].fill_(float('nan'))
-                slot = slot[:n]
-        self._row[i, _NUMEL].fill_(n)
-        self._row[i, _NHIST].fill_(n if step is None else self.hist_sample)
-        self._row[i, _SHIFT].zero_()  # stays 0 on the CPU, where plain sums are taken
-        self._row[i, _SUM].zero_()  # stays 0 on CUDA, where the shift is the mean
-        self._sizes[i] = (n, self._work[:n], step, slot)
-        return self._sizes[i]
-
-    def _new_hist_buffer(self, k):
-        """One float32 slot of `k` sample values per layer (NaN where unused), and each value's float64 offset
-        to its layer's block of bins [i*(bins+2), (i+1)*(bins+2)): an underflow bin, `bins` bins, an overflow bin."""
-        n_layers = len(self._sizes)
-        lo, hi = self.hist_range
-        old, old_k = self._hist_buf, self._hist_k
-        self._hist_k, self._sizes = k, [None] * n_layers
-        self._hist_buf = torch.full((n_layers * k,), float('nan'), device=self.learn.device)
-        if old is not None:  # grown in the middle of a batch: keep the samples already taken
-            self._hist_buf.view(n_layers, k)[:, :old_k].copy_(old.view(n_layers, old_k))
-        # Built on the device: a host-to-device copy of pageable memory would sync the GPU.
-        block = torch.arange(n_layers, dtype=torch.float64, device=self.learn.device).repeat_interleave(k)
-        self._hist_offsets = block * (self.bins + 2) + 1 - lo * self.bins / (hi - lo)
-        self._hist_pos = torch.empty_like(self._hist_offsets)
-        self._hist_idx = torch.empty_like(self._hist_offsets, dtype=torch.int32)
 
     def after_batch(self):
         if self._active:
             if not all(self._fired): self._mark_missing()
-            if self.with_hist: self._row[:, _HIST:].copy_(self._histograms())
-            self._log.append(self._row)
             self.iters.append(self.learn.train_iter)
             self._fired = [False] * len(self._fired)
+            self._b += 1
+            if self._b == self._depth:
+                self.flush()
+                self._b = self._done = 0  # the staging buffers are reused from the top
         super().after_batch()
-
-    def _histograms(self):
-        "Bin every layer's sample at once; returns (layers, bins) counts."
-        lo, hi = self.hist_range
-        width = (hi - lo) / self.bins
-        # Values below lo (and NaN) go to the block's underflow bin, values from hi up to its overflow bin. Moving
-        # them to their block happens in float64, so that no value can cross a bin edge on the way.
-        buf = self._hist_buf.nan_to_num_(lo - width).clamp_(lo - width / 2, hi + width / 2)
-        pos = torch.add(self._hist_offsets, buf, alpha=1 / width, out=self._hist_pos)  # float32 + float64 offsets
-        n_layers = len(self._sizes)
-        blocks = n_layers * (self.bins + 2)
-        if pos.is_cuda: counts = torch.histc(pos, blocks, 0, blocks)  # bincount would read its size back: a sync
-        else: counts = torch.bincount(self._hist_idx.copy_(pos), minlength=blocks)  # 5x faster than histc here
-        return counts.view(n_layers, self.bins + 2)[:, 1:-1]  # without the under- and overflow bins
 
     def _mark_missing(self):
         "A hooked layer did not run this batch: record it as empty (numel 0) rather than repeat stale values."
         for i, fired in enumerate(self._fired):
             if not fired:
-                self._row[i].zero_()
-                self._sizes[i] = None
-                if self.with_hist: self._hist_buf[i * self._hist_k:(i + 1) * self._hist_k].fill_(float('nan'))
+                cell = 2 * (self._b * len(self._layers) + i)
+                self._sums[cell] = self._sums[cell + 1] = self._zero
+                self._stage[self._b, i].zero_()
+                self._samples[self._b, i].fill_(float('nan'))
 
-    def _stride(self, n):
-        """The step of the sample of a layer with n elements (None: histogram all of them): the largest prime
-        that spreads `hist_sample` elements over the output. A prime step moves across the (channel, row,
-        column) grids instead of following them, so the sample does not pick the same positions everywhere."""
-        if self.hist_sample is None or n <= self.hist_sample: return None
-        step = self._strides.get(n)
-        if step is None: step = self._strides[n] = _prime_at_most(n // self.hist_sample)
-        return step
+    # ---- sizes and buffers: on the first batch, and when an output's size changes (a smaller last batch) ----
+    def _new_size(self, i, n):
+        "Layer i's output now has n elements: its counts, sample positions, and its views into the staging buffers."
+        if n > len(self._ones):
+            self._ones = torch.ones(n, device=self.learn.device)
+            self._layers = [None] * len(self._layers)  # re-derive the other layers' views of it
+        sampled = self.sample is not None and n > self.sample
+        if not sampled and n > self._k:  # sample=None: slots fit every output
+            self._new_buffers(n)
+        pool = None
+        if sampled:
+            if n not in self._pools:
+                self._pools[n] = torch.randint(n, (_POOL, self._k), generator=self._gen, device=self.learn.device)
+            pool = self._pools[n].unbind(0)
+        # This and later staged batches; the batches staged before keep the size they were recorded with.
+        self._sizes[i, 0].fill_(n)  # fill_ with a number: no host-to-device copy, so no sync
+        self._sizes[i, 1].fill_(self._k if sampled else n)
+        self._stage[self._b:, i, _NUMEL:_HIST].copy_(self._sizes[i])
+        if not sampled: self._samples[self._b:, i, n:].fill_(float('nan'))  # the unused rest counts nowhere
+        slots = [self._samples[b, i, :n if not sampled else None] for b in range(self._depth)]
+        self._layers[i] = (n, self._ones[:n], pool, slots)
+        return self._layers[i]
+
+    def _new_buffers(self, k):
+        """The staging buffers for `depth` batches of `k` sample values per layer: rows (depth, layers, 5 + bins)
+        and samples (depth, layers, k), NaN where unused, and the histograms' working buffers."""
+        n_layers, dev = len(self._layers), self.learn.device
+        if self._samples is not None: self.flush()  # grown mid-fit: record what is staged
+        # Grown mid-batch (sample=None: one batch staged): keep what this batch's earlier layers recorded.
+        old = (self._stage[0], self._samples[0]) if self._samples is not None else None
+        depth = 1 if self.sample is None else max(1, min(16, _STAGE_VALUES // (n_layers * k)))
+        self._k, self._depth, self._layers = k, depth, [None] * n_layers
+        self._stage = torch.zeros(depth, n_layers, _HIST + (self.bins if self.with_hist else 0), device=dev)
+        self._samples = torch.full((depth, n_layers, k), float('nan'), device=dev)
+        if len(self._sums) != 2 * depth * n_layers: self._sums = [self._zero] * (2 * depth * n_layers)
+        if old is not None:
+            self._stage[0].copy_(old[0])
+            self._samples[0, :, :old[1].shape[-1]].copy_(old[1])
+        self._near_flags = torch.empty_like(self._samples)
+        if self.with_hist:
+            lo, hi = self.hist_range
+            # Batch b, layer i has the bins [(b*layers + i)*(bins+2), ...): an underflow bin, `bins` bins, an overflow bin.
+            block = torch.arange(depth * n_layers, dtype=torch.float64, device=dev).view(depth, 1, n_layers)
+            self._hist_offsets = block * (self.bins + 2) + 1 - lo * self.bins / (hi - lo)
+            self._hist_vals = torch.empty(depth, k, n_layers, device=dev)
+            self._hist_pos = torch.empty(depth, k, n_layers, dtype=torch.float64, device=dev)
+            self._hist_idx = torch.empty(depth, k, n_layers, dtype=torch.int32, device=dev)
+
+    # ---- finishing the staged batches: a fixed number of ops for all of them -------------------------------
+    def flush(self):
+        """Count and bin the batches staged so far and append them to the records. It happens by itself every few
+        batches, whenever the records are read, and when fit ends; call it before reading `_log` directly."""
+        # Only whole batches: read in the middle of a batch (a callback's after_loss, say), the batch being
+        # recorded stays staged, and the next flush starts after the batches finished here.
+        if self._b > self._done:
+            self._finish(self._done, self._b)
+            self._done = self._b
+
+    def _finish(self, start, end):
+        m, n_layers = end - start, len(self._layers)
+        rows, samples = self._stage[start:end], self._samples[start:end]
+        rows[..., _SUM:_NEAR].copy_(torch.stack(self._sums[2 * start * n_layers:2 * end * n_layers]).view(m, -1, 2))
+        # NaN (unused slot positions) compares False: only sampled values are counted.
+        torch.sum(torch.le(samples, NEAR_ZERO, out=self._near_flags[:m]), 2, out=rows[..., _NEAR])
+        if self.with_hist: rows[..., _HIST:].copy_(self._histograms(samples))
+        self._log.extend(rows)
+        # The rows are reused for later batches: put back every layer's current size (a layer that did not run
+        # was zeroed) and the NaN of unused sample slots.
+        rows[..., _NUMEL:_HIST].copy_(self._sizes)
+        for i, layer in enumerate(self._layers):
+            if layer is not None and layer[2] is None: samples[:, i, layer[0]:].fill_(float('nan'))
+
+    def _histograms(self, samples):
+        "Bin every value of `samples` (m staged batches) at once; returns (m, layers, bins) counts."
+        m = len(samples)
+        lo, hi = self.hist_range
+        width = (hi - lo) / self.bins
+        # Transposed to (batch, k, layers) on the way, so that consecutive values belong to different layers: on
+        # the CPU, bincount's run of increments to one counter (half of a pre-activation falls in the underflow
+        # bin) waits on each previous increment, twice as slow. NaN (unused slot positions) goes to the underflow
+        # bin, values below lo too, values from hi up to the overflow bin; the samples keep their NaN.
+        vals = torch.nan_to_num(samples.transpose(1, 2), lo - width, out=self._hist_vals[:m])
+        vals.clamp_(lo - width / 2, hi + width / 2)
+        # Each value moved to its block in float64, so that no value can cross a bin edge on the way.
+        pos = torch.add(self._hist_offsets[:m], vals, alpha=1 / width, out=self._hist_pos[:m])
+        n_layers = len(self._layers)
+        blocks = m * n_layers * (self.bins + 2)
+        if pos.is_cuda: counts = torch.histc(pos, blocks, 0, blocks)  # bincount would read its size back: a sync
+        else: counts = torch.bincount(self._hist_idx[:m].copy_(pos).view(-1), minlength=blocks)  # 5x faster than histc
+        return counts.view(m, n_layers, self.bins + 2)[..., 1:-1]  # without the under- and overflow bins
 
     def cleanup_fit(self):
+        if self._samples is not None: self.flush()  # however fit ended, the completed batches are kept
         super().cleanup_fit()
-        # The working buffers are as large as the largest activation: free them between fits.
-        self._work = self._hist_buf = self._hist_offsets = self._hist_pos = self._hist_idx = None
-        self._sizes = [None] * len(self._sizes)
+        # The staging buffers can be as large as the largest activation (sample=None): free them between fits.
+        self._samples = self._stage = self._near_flags = self._ones = self._pools = self._sizes = None
+        self._sums = []
+        self._hist_offsets = self._hist_vals = self._hist_pos = self._hist_idx = None
+        self._b = self._done = 0
+        self._layers = [None] * len(self._layers)
 
     # ---- reading: one host transfer, cached until the next batch is recorded ------------------------------
     @property
@@ -217,6 +271,7 @@ class ActivationStats(HookCallback):
         return out
 
     def _summary(self):
+        if self._samples is not None: self.flush()
         rows = self._log.values().cpu()  # sync-ok: on request, all batches in one transfer
         return activation_summary(rows, self.with_hist) if len(rows) else {}
 
@@ -265,30 +320,20 @@ class ActivationStats(HookCallback):
         return fig
 
 
-def _prime_at_most(k):
-    "The largest prime <= k (1 for k < 2)."
-    for p in range(k, 1, -1):
-        if all(p % d for d in range(2, int(p ** 0.5) + 1)): return p
-    return 1
-
-
 def activation_summary(raw, with_hist=True):
-    """Raw records (batches, layers, 6 [+ bins]) -> `mean`, `std`, `near_zero` (and `hist`, scaled from the
+    """Raw records (batches, layers, 5 [+ bins]) -> `mean`, `std`, `near_zero` (and `hist`, scaled from the
     sample to estimated full counts), computed in float64 for all batches and layers at once."""
     raw = raw.double()
     n = raw[..., _NUMEL]
     empty = n == 0  # a layer that did not run in that batch
-    n_safe = n.clamp(min=1)
+    n_safe, k = n.clamp(min=1), raw[..., _NSAMPLE].clamp(min=1)
     s, ss = raw[..., _SUM], raw[..., _SUMSQ]
-    mean = raw[..., _SHIFT] + s / n_safe
     var = (ss - s * s / n_safe) / (n_safe - 1).clamp(min=1)
     nan = torch.tensor(float('nan'), dtype=raw.dtype)
-    out = {'mean': mean.where(~empty, nan).float(),
+    out = {'mean': (s / n_safe).where(~empty, nan).float(),
            'std': var.clamp(min=0).sqrt().where(~empty, nan).float(),
-           'near_zero': (raw[..., _NEAR] / n_safe).where(~empty, nan).float()}
-    if with_hist:
-        scale = (n / raw[..., _NHIST].clamp(min=1)).unsqueeze(-1)
-        out['hist'] = (raw[..., _HIST:] * scale).float()
+           'near_zero': (raw[..., _NEAR] / k).where(~empty, nan).float()}
+    if with_hist: out['hist'] = (raw[..., _HIST:] * (n / k).unsqueeze(-1)).float()
     return out
 
 

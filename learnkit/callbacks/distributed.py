@@ -51,7 +51,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from ..callback import Callback, noop
-from .activations import _HIST, _NHIST, _NUMEL, _SHIFT, _SUM, _SUMSQ, ActivationStats
+from .activations import _HIST, _NEAR, _NSAMPLE, _NUMEL, ActivationStats
 from .batch_size import GradientNoiseScale
 from .core import GatherPredsCallback
 from .gradients import GradientStats
@@ -205,27 +205,20 @@ def gather_interleaved(t, n):
 
 # ---- statistics recorded on each rank -------------------------------------------------------------------------
 def reduce_activation_records(raw):
-    """ActivationStats' raw records `(rows, layers, 6 [+ bins])` from this rank, combined with the same rows of
+    """ActivationStats' raw records `(rows, layers, 5 [+ bins])` from this rank, combined with the same rows of
     every other rank into what one process would record on the concatenated batches (on every rank).
 
-    Element counts, near-zero counts and histograms add up (a sampled histogram is first scaled to its
-    estimate of the full counts). Each rank's sum and sum of squares are taken about its own shift (its first
-    element); they are moved to rank 0's shift c before adding: with d = c_r - c,
-    sum(x - c) = S_r + n_r d and sum((x - c)^2) = Q_r + 2 d S_r + n_r d^2, so the mean and the std come out
-    as those of the concatenated activations, in float64."""
+    Sums, sums of squares and element counts add up. Near-zero counts and histograms taken from a sample are
+    first scaled to their estimates of the full counts (the sample size becomes the element count), then
+    added, so the mean and the std come out as those of the concatenated activations, in float64."""
     rows = raw.double()
-    n, s = rows[..., _NUMEL], rows[..., _SUM]
-    shift = broadcast(rows[..., _SHIFT])
-    d = rows[..., _SHIFT] - shift
+    n = rows[..., _NUMEL]
     out = rows.clone()
-    out[..., _SHIFT] = shift
-    out[..., _SUM] = s + n * d
-    out[..., _SUMSQ] = rows[..., _SUMSQ] + 2 * d * s + n * d * d
-    if rows.shape[-1] > _HIST:
-        out[..., _HIST:] = rows[..., _HIST:] * (n / rows[..., _NHIST].clamp(min=1)).unsqueeze(-1)
-        out[..., _NHIST] = n
-    out[..., _SUM:] = all_reduce_sum(out[..., _SUM:])
-    return out.to(raw.dtype)
+    scale = n / rows[..., _NSAMPLE].clamp(min=1)
+    out[..., _NEAR] = rows[..., _NEAR] * scale
+    if rows.shape[-1] > _HIST: out[..., _HIST:] = rows[..., _HIST:] * scale.unsqueeze(-1)
+    out[..., _NSAMPLE] = n
+    return all_reduce_sum(out).to(raw.dtype)
 
 
 def _combine_activation_stats(cb, start):
@@ -246,6 +239,12 @@ def _combine_dead_units(cb):
     "A ReLU channel is dead only if no rank saw it positive: each running channel max becomes the max over ranks."
     for running_max in cb._relu_max:
         if running_max is not None: running_max.copy_(all_reduce_max(running_max))
+
+
+def _records(cb):
+    "A statistics callback's TensorLog, with any batches it has staged (ActivationStats) recorded first."
+    if hasattr(cb, 'flush'): cb.flush()
+    return cb._log
 
 
 # Statistics callbacks whose records differ per rank, and how to combine one epoch of rows across ranks.
@@ -352,7 +351,7 @@ class DistributedCallback(Callback):
 
     def before_train(self):
         self.learn.dl = self._shard(self.learn.dl)
-        self._record_starts = [(cb, combine, len(cb._log)) for cb in self.learn.cbs
+        self._record_starts = [(cb, combine, len(_records(cb))) for cb in self.learn.cbs
                                for cls, combine in _RANK_RECORDS.items() if isinstance(cb, cls)]
 
     def after_train(self):
@@ -360,7 +359,7 @@ class DistributedCallback(Callback):
         for buf in unwrap_model(self.learn.model).buffers(): buf.copy_(broadcast(buf))  # rank 0's, for validation
         # One combine per statistics callback per epoch, before anything reads the epoch's records.
         for cb, combine, start in self._record_starts:
-            if len(cb._log) > start: combine(cb, start)
+            if len(_records(cb)) > start: combine(cb, start)
 
     def after_batch(self):
         for cb in self._gradient_stats:  # a dead-unit window closes in this batch's GradientStats.after_batch
