@@ -132,6 +132,10 @@ def test_layer_stats_combine_to_the_concatenated_batch(ddp_run, fmnist):
             combined = torch.tensor(stats['hist'][i])
             assert combined.sum().item() == pytest.approx(direct.sum().item(), abs=1e-3)
             assert (combined - direct).abs().max().item() <= 1
+            # Sampled on each rank (2048 elements, where a rank's half is larger), combined: within 4 standard
+            # errors of the whole batch's fraction.
+            f = (a <= 0.05).float().mean().item()
+            assert r['sampled_near_zero'][i] == pytest.approx(f, abs=4 * (f * (1 - f) / 2048) ** 0.5 + 1e-6)
 
 
 def test_learnkit_train_runs_under_torchrun(ddp_run):
@@ -200,6 +204,11 @@ def _train_worker(out):
     stats = stats_learn.activation_stats.stats
     result['activation_stats'] = {k: stats[k][0].tolist() for k in ('mean', 'std', 'near_zero', 'hist')}
     result['dead_units'] = stats_learn.gradient_stats.stats['dead'][0].tolist()
+    # The same batch with the default sample: each rank's near_zero counts are estimates from its own sample.
+    sampled_learn = _learner(_dls(fm, N_ACT // world, n_train=N_ACT, n_valid=VAL_BS), learn.model,
+                             cbs=[ActivationStats()])
+    with sampled_learn.no_logging(): sampled_learn.fit(1, lr=0.)
+    result['sampled_near_zero'] = sampled_learn.activation_stats.stats['near_zero'][0].tolist()
 
     # The command line, as `torchrun -m learnkit train` runs it (simple_cnn with BatchNorm), then a validation
     # of its final weights on the whole validation set by this rank alone.
