@@ -163,6 +163,32 @@ def test_resume_mid_epoch_equals_an_uninterrupted_fit(fmnist, tmp_path, kind):
     assert resumed.recorder.losses == ref.recorder.losses
 
 
+def test_resume_continues_the_diagnostics_records(fmnist, tmp_path):
+    """ActivationStats and GradientStats records are in the checkpoints, so a resumed fit ends with the records of
+    an uninterrupted one: the same rows, the sampled near_zero and histograms included."""
+    from learnkit.callbacks.activations import ActivationStats
+    from learnkit.callbacks.gradients import GradientStats
+    def diagnostics(): return [ActivationStats(with_hist=True, sample=256), GradientStats(dead_window=2)]
+    ref_cbs, run_cbs, resumed_cbs = diagnostics(), diagnostics(), diagnostics()
+    ref = make_learner(fmnist, tmp_path / 'ref', 'learnkit')
+    quiet_fit(ref, 'fit_one_cycle', 3, 1e-2, cbs=[SaveModelCallback(every_n_batches=2), *ref_cbs])
+    crashed = make_learner(fmnist, tmp_path / 'run', 'learnkit')
+    with pytest.raises(RuntimeError, match='crash'):
+        quiet_fit(crashed, 'fit_one_cycle', 3, 1e-2, cbs=[SaveModelCallback(every_n_batches=2), Crash(1, 3), *run_cbs])
+    resumed = make_learner(fmnist, tmp_path / 'run', 'learnkit', seed=7)
+    quiet_fit(resumed, 'fit_one_cycle', 3, 1e-2, cbs=[SaveModelCallback(every_n_batches=2), *resumed_cbs],
+              resume='last')
+    (a, g), (b, h) = ref_cbs, resumed_cbs
+    assert a.iters == b.iters == list(range(15))
+    for k in ('mean', 'std', 'near_zero', 'hist'): assert torch.equal(a.stats[k], b.stats[k]), k
+    g, h = g.stats, h.stats
+    assert torch.equal(g['grad_norm'], h['grad_norm']) and torch.equal(g['update_ratio'], h['update_ratio'])
+    # Records of other layers are refused with what to do.
+    other = make_learner(fmnist, tmp_path / 'run', 'learnkit')
+    with pytest.warns(UserWarning, match='without the callbacks'), pytest.raises(ValueError, match='same model and modules'):
+        quiet_fit(other, 'fit_one_cycle', 3, 1e-2, cbs=ActivationStats(modules=[other.model[0]]), resume='last')
+
+
 def test_resume_from_an_epoch_end_and_resume_errors(fmnist, tmp_path):
     ref = make_learner(fmnist, tmp_path / 'ref')
     quiet_fit(ref, 'fit_flat_cos', 3, 1e-2)

@@ -258,6 +258,28 @@ class ActivationStats(HookCallback):
         self._b = self._done = 0
         self._layers = [None] * len(self._layers)
 
+    # ---- checkpoints: SaveModelCallback keeps the records, and a resumed fit continues them ----------------
+    def state_dict(self):
+        "The records so far (one host transfer, at checkpoint time), and the sampler's state."
+        if self._samples is not None: self.flush()
+        return {'records': self._log.state_dict()['values'], 'iters': list(self.iters),
+                'layer_names': list(self.layer_names), 'rng': self._rng.getstate()}
+
+    def load_state_dict(self, state):
+        names, rows = list(state['layer_names']), state['records']
+        if self.layer_names and names != list(self.layer_names):
+            raise ValueError(f"these ActivationStats records were taken on the layers {names}, but this learner hooks "
+                             f"{list(self.layer_names)}: load them into a learner with the same model and modules")
+        width = _HIST + (self.bins if self.with_hist else 0)
+        if len(rows) and rows.shape[-1] != width:
+            raise ValueError(f"these ActivationStats records have {rows.shape[-1] - _HIST} histogram bins per row, "
+                             f"but this ActivationStats(with_hist={self.with_hist}, bins={self.bins}) records "
+                             f"{width - _HIST}: create it with the same with_hist and bins")
+        device = self.learn.device if self.learn is not None else None
+        self._log.load_state_dict({'values': rows}, device)
+        self.iters, self.layer_names, self._cache = list(state['iters']), names, None
+        self._rng.setstate(_as_rng_state(state['rng']))
+
     # ---- reading: one host transfer, cached until the next batch is recorded ------------------------------
     @property
     def stats(self):
@@ -352,6 +374,12 @@ def _first_tensor(out):
             if isinstance(o, torch.Tensor): return o
     raise TypeError(f"ActivationStats hooked a module whose output is {type(out).__name__}, not a tensor; "
                     "pass modules=[...] without it")
+
+
+def _as_rng_state(state):
+    "random.Random's state from its checkpoint form (tuples may come back as lists)."
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
 
 
 def _check_range(hist_range):

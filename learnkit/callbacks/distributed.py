@@ -361,8 +361,8 @@ class DistributedCallback(Callback):
         for cb, combine, start in self._record_starts:
             if len(_records(cb)) > start: combine(cb, start)
 
-    def after_batch(self):
-        for cb in self._gradient_stats:  # a dead-unit window closes in this batch's GradientStats.after_batch
+    def after_step(self):
+        for cb in self._gradient_stats:  # a dead-unit window closes in this batch's GradientStats.after_step
             if cb._active and cb._in_window + 1 == cb.dead_window: _combine_dead_units(cb)
 
     def after_fit(self):

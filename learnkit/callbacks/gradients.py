@@ -96,14 +96,14 @@ class GradientStats(Callback):
         torch._foreach_sub_(self._prev, self._params)  # now w_before - w_after
         update = self._layer_sq(torch._foreach_norm(self._prev))
         torch.div(update.sqrt_(), self._weight_sq.sqrt_(), out=self._row[1])
-
-    def after_batch(self):
-        if not self._active: return
-        self._active = False
+        # Recorded here rather than in after_batch, so that a checkpoint written in this batch's after_batch
+        # (SaveModelCallback runs before us there) already holds this step.
         self._log.append(self._row)
         self.iters.append(self._iter)
         self._in_window += 1
         if self._in_window == self.dead_window: self._close_window()
+
+    def after_batch(self): self._active = False
 
     def after_fit(self):
         if self._in_window: self._close_window()
@@ -119,6 +119,24 @@ class GradientStats(Callback):
             self.dead_iters.append(self.iters[-1])
         self._relu_max = [None] * len(self._relu_max)
         self._in_window = 0
+
+    def state_dict(self):
+        """The records so far (one host transfer, at checkpoint time). The dead-unit window open at that moment is
+        not kept: a resumed fit starts a new window."""
+        return {'records': self._log.state_dict()['values'], 'dead': self._dead_log.state_dict()['values'],
+                'iters': list(self.iters), 'dead_iters': list(self.dead_iters),
+                'layer_names': list(self.layer_names), 'relu_names': list(self.relu_names)}
+
+    def load_state_dict(self, state):
+        names = list(state['layer_names'])
+        if self.layer_names and names != list(self.layer_names):
+            raise ValueError(f"these GradientStats records were taken on the layers {names}, but this learner has "
+                             f"{list(self.layer_names)}: load them into a learner with the same model and modules")
+        device = self.learn.device if self.learn is not None else None
+        self._log.load_state_dict({'values': state['records']}, device)
+        self._dead_log.load_state_dict({'values': state['dead']}, device)
+        self.iters, self.dead_iters = list(state['iters']), list(state['dead_iters'])
+        self.layer_names, self.relu_names = names, list(state['relu_names'])
 
     def _zero(self, p):
         if p.device not in self._zeros: self._zeros[p.device] = torch.zeros((), device=p.device)
