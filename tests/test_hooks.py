@@ -137,16 +137,18 @@ def test_activation_stats_match_direct_computation(fmnist):
 
 
 def test_std_within_documented_precision_when_mean_dwarfs_spread(fmnist):
-    "Float32 sums keep the std within 0.1% while |mean| <= 100 std, as the docstring promises."
+    "Float32 sums keep the std within 1% while |mean| <= 100 std, as the docstring promises, at 640 and 100k elements."
     class Offset(nn.Module):
         def forward(self, x): return 100. + (x - x.mean()) / x.std()  # mean 100, std 1
-    model = nn.Sequential(simple_cnn(), Offset(), nn.Linear(10, 10))
-    stats = ActivationStats(modules=[model[1]])
-    capture = Capture([model[1]])
+    model = nn.Sequential(nn.Conv2d(1, 8, 5, 2, 2), Offset(), nn.Flatten(), nn.Linear(8 * 14 * 14, 10), Offset())
+    stats = ActivationStats(modules=[model[1], model[4]])
+    capture = Capture([model[1], model[4]])
     make_learner(fmnist, [stats, capture], model=model).fit(1, 1e-3)
-    direct = torch.stack([o[0].double().std() for o in capture.outputs]).float()
-    assert torch.allclose(stats.stats['std'][:, 0], direct, rtol=1e-3)
-    assert torch.allclose(stats.stats['mean'][:, 0], torch.full((10,), 100.), rtol=1e-6)
+    assert capture.outputs[0][0].numel() == 64 * 8 * 14 * 14 and capture.outputs[0][1].numel() == 640
+    for layer in range(2):
+        direct = torch.stack([o[layer].double().std() for o in capture.outputs]).float()
+        assert torch.allclose(stats.stats['std'][:, layer], direct, rtol=1e-2)
+        assert torch.allclose(stats.stats['mean'][:, layer], torch.full((10,), 100.), rtol=1e-6)
 
 
 def test_sampled_histograms_and_near_zero_keep_the_picture(fmnist):

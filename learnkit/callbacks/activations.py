@@ -58,9 +58,10 @@ class ActivationStats(HookCallback):
     buffers for the histograms, all freed when fit ends.
 
     Mean and std are computed from every element, from float32 sums of x and x^2 combined in float64: the
-    relative error in the variance is about 1e-7 (mean / std)^2, below 0.1% while |mean| < 100 std, which
-    activations and pre-activations stay well within; a layer whose outputs are a near-constant far from zero
-    (|mean| > 1000 std) gets a std that is only an upper bound.
+    relative error in the variance grows like 1e-6 (mean / std)^2 (at mean = 100 std we measured up to 1.1e-2
+    for 100k elements and 8e-3 for 12.8M), so the std is within 1% while |mean| < 100 std, which activations
+    and pre-activations stay well within; a layer whose outputs are a near-constant far from zero (|mean| >
+    1000 std) gets a std that is only an upper bound.
 
     Sampling: when a layer's output has more than `sample` elements, its near_zero fraction and its histogram
     are estimated from `sample` of them, drawn uniformly at random with replacement (each batch uses one of 16
