@@ -114,7 +114,7 @@ def plain(obj, where):
     arrays become tensors and numpy scalars Python numbers. Anything else raises a TypeError naming `where`."""
     if isinstance(obj, (torch.Tensor, str, bytes, bool, int, float, type(None))): return obj
     if isinstance(obj, np.ndarray): return torch.from_numpy(obj.copy())
-    if isinstance(obj, np.generic): return obj.item()
+    if isinstance(obj, np.generic): return obj.item()  # sync-ok: a numpy scalar, checkpoint writing
     if isinstance(obj, dict):
         out = {k: plain(v, f'{where}[{k!r}]') for k, v in obj.items()}
         return OrderedDict(out) if isinstance(obj, OrderedDict) else out
@@ -144,9 +144,9 @@ def set_rng_states(states):
     "Restore what `get_rng_states` returned (CUDA states only where CUDA is available)."
     torch.set_rng_state(states['torch'])
     py = states['python']
-    random.setstate((py['version'], tuple(py['state'].tolist()), py['gauss_next']))
+    random.setstate((py['version'], tuple(py['state'].tolist()), py['gauss_next']))  # sync-ok: CPU tensor, checkpoint loading
     n = states['numpy']
-    np.random.set_state((n['kind'], n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'],
+    np.random.set_state((n['kind'], n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'],  # sync-ok: CPU tensor, checkpoint loading
                          n['cached_gaussian']))
     if 'cuda' in states and torch.cuda.is_available():
         for i, s in enumerate(states['cuda'][:torch.cuda.device_count()]): torch.cuda.set_rng_state(s, i)

@@ -105,7 +105,7 @@ class MixedPrecision(Callback):
             self._skipped_device += found_inf
             return
         self._probe.stepped = False
-        self.scaler.step(self._probe)   # GradScaler reads its inf check on the host here (torch's own .item())
+        self.scaler.step(self._probe)   # sync-ok: GradScaler's own inf check .item(), fp16 only (module docstring)
         if not self._probe.stepped:
             self._skipped_host += 1
             raise CancelStepException()

@@ -61,7 +61,7 @@ class TfmdDL:
                  augment=False, vocab=None, device_cache_budget=None):
         if bs < 1: raise ValueError(f"bs={bs}: the batch size must be at least 1")
         self.source, self.bs, self.shuffle, self.drop_last, self.augment = source, bs, shuffle, drop_last, augment
-        self.seed = int(torch.randint(2**62, ()).item()) if seed is None else int(seed)  # host RNG, once
+        self.seed = int(torch.randint(2**62, ()).item()) if seed is None else int(seed)  # sync-ok: host RNG, once
         self.batch_tfms, self.vocab = check_batch_tfms(batch_tfms), vocab
         self.device, self.device_cache_budget = _as_device(device), device_cache_budget
         self.epoch, self._epoch_chosen, self._start_batch = 0, True, 0
@@ -136,7 +136,7 @@ class TfmdDL:
         order = self.order(epoch)
         stop = len(order) // bs if self.drop_last else math.ceil(len(order) / bs)
         if cache is None:
-            batches = [b.tolist() for b in order.split(bs)[start:stop]]
+            batches = [b.tolist() for b in order.split(bs)[start:stop]]  # sync-ok: CPU order tensor, once per epoch
             host = self.source.stream(batches, pin_memory=self.device.type == 'cuda')
             return map(self._finish, self._to_device(host))
         on = cache.place(self.device, self.device_cache_budget)

@@ -111,7 +111,7 @@ class ImageFiles:
             self.streaming = True
             return None
         x, kept, self.skipped = decode_all(self.files, self.mode, self.prep, self.workers, self.on_error)
-        if self.skipped: self.files = [self.files[i] for i in kept.tolist()]
+        if self.skipped: self.files = [self.files[i] for i in kept.tolist()]  # sync-ok: CPU index tensor, once when building
         self.cache = TensorSource(x, self.labels[kept])
         return self.cache
 
@@ -126,7 +126,7 @@ class ImageFiles:
 
     def peek(self, idx):
         if self.cache is not None: return self.cache.peek(idx)
-        return self._decoded(*FileDecoder(self.files, self.mode, self.prep, self.shape()[1])[idx.tolist()])
+        return self._decoded(*FileDecoder(self.files, self.mode, self.prep, self.shape()[1])[idx.tolist()])  # sync-ok: CPU indices for the host decoder
 
     def stream(self, batches, pin_memory=False):
         decoder = FileDecoder(self.files, self.mode, self.prep, self.shape()[1])
@@ -173,7 +173,7 @@ class DatasetSource:
 
     def load(self): return None
 
-    def peek(self, idx): return _Batches(self.ds)[idx.tolist()]
+    def peek(self, idx): return _Batches(self.ds)[idx.tolist()]  # sync-ok: CPU indices, show_batch
 
     def stream(self, batches, pin_memory=False): return _streamer(_Batches(self.ds), batches, self.workers, pin_memory)
 
