@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import normalized_slice, torch_dls
+from conftest import OpCounter, normalized_slice, torch_dls
 from learnkit import Callback, CancelFitException, CancelStepException, Learner
 from learnkit.callbacks.activations import ActivationStats
 from learnkit.callbacks.gradients import GradientStats
@@ -320,3 +320,21 @@ def test_gradient_stats_skip_steps_another_callback_cancelled(fmnist):
     s = grads.stats
     assert grads.iters == [0, 2, 4, 6, 8]
     assert torch.isfinite(s['update_ratio']).all() and (s['update_ratio'] > 0).all()
+
+
+def test_activation_stats_adds_a_fixed_few_ops_per_layer_whatever_the_activation_size(fmnist):
+    """ActivationStats' cost per training batch in aten ops (each a kernel launch on a GPU): four per hooked layer
+    (a view, two dots, the sample) plus the staged finish, shared by up to 16 batches; the same at bs 32 and at
+    bs 128, whose activations are 4x larger. Counted as the difference between fits of 64 and 32 batches, so
+    that the one-off set-up (buffers, sample positions) drops out."""
+    def ops(bs, n_batches, cbs):
+        learn = make_learner(fmnist, cbs, n_train=n_batches * bs, bs=bs)
+        with OpCounter() as counter: learn.fit(1, 0.01)
+        return counter.n
+    for bs in (32, 128):
+        stats = [ActivationStats(with_hist=True) for _ in range(2)]
+        with_stats = ops(bs, 64, stats[:1]) - ops(bs, 32, stats[1:])
+        without = ops(bs, 64, []) - ops(bs, 32, [])
+        extra, n_layers = (with_stats - without) / 32, len(stats[0].layer_names)
+        assert n_layers == 5
+        assert 4 * n_layers <= extra <= 4 * n_layers + 3, f"bs {bs}: {extra:.2f} ops per batch for {n_layers} layers"
