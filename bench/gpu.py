@@ -18,8 +18,11 @@ validation on 10,000 with loss and accuracy), for each configuration:
   a_fused, b_fused   a and b with torch's fused AdamW (learnkit: Adam(fused=True))
 Each configuration runs one untimed epoch first (compilation, cuDNN autotuning, allocator warm-up); then every
 configuration is timed `--repeats` times in a rotating order, so slow spells hit all of them alike.
-Rows: median epoch time (s), training images/s, the speed ratio to (a) (median of per-repeat ratios), and the
-extra time per batch against (a) in microseconds.
+Rows: median epoch time (s), training images/s, the speed ratio to (a) (median of per-repeat ratios), the
+extra time per batch against (a) in microseconds, and the aten ops issued per batch (training and validation
+batches together; counted in one more, untimed epoch; not for (e), whose ops run inside compiled graphs). A
+small CNN on a fast GPU is bound by launch overhead, so on a GPU the extra time per batch follows the extra ops:
+the op count says what a configuration costs there even when this table is printed on a CPU.
 """
 import argparse
 import statistics
@@ -30,6 +33,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from learnkit import Adam, Learner, accuracy
 from learnkit.callbacks.activations import ActivationStats
@@ -98,7 +102,7 @@ class LearnkitRun:
                              opt_func=opt_func, device=device, channels_last=name == 'd')
         if name == 'd': self.learn.to_bf16()
         if name == 'e': self.learn.compile()
-        self.with_acts = name == 'c'
+        self.name, self.with_acts = name, name == 'c'
 
     def fit_one_cycle(self):
         cbs = [ActivationStats(with_hist=True)] if self.with_acts else None
@@ -137,8 +141,25 @@ def bench_bs(bs, names, data, device, repeats, sync):
         t = statistics.median(times[k])
         ratio = statistics.median(a / x for a, x in zip(times['a'], times[k]))
         extra_us = (t - statistics.median(times['a'])) / n_batches * 1e6
-        rows[k] = (t, n_train * bs / t, ratio, extra_us, warm[k][0], warm[k][1])
+        rows[k] = (t, n_train * bs / t, ratio, extra_us, warm[k][0], warm[k][1], ops_per_batch(runs[k], n_batches))
     return rows
+
+
+class OpCounter(TorchDispatchMode):
+    "Counts the aten ops run inside the `with` block (each one a kernel launch or a dispatch on a GPU)."
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_batch(run, n_batches):
+    if getattr(run, 'name', None) == 'e': return float('nan')  # compiled: the ops run inside graphs
+    with OpCounter() as counter: run.fit_one_cycle()
+    return counter.n / n_batches
 
 
 def device_name(device):
@@ -150,7 +171,7 @@ def print_table(bs, rows, names):
     w = 13
     print(f"\n{f'bs {bs}':<20}" + ''.join(f"{f'({k})':>{w}}" for k in names))
     for label, i, fmt in (('epoch time (s)', 0, '{:.3f}'), ('images/s', 1, '{:,.0f}'), ('ratio to (a)', 2, '{:.3f}'),
-                          ('extra us/batch', 3, '{:+.1f}'), ('warm-up (s)', 4, '{:.2f}')):
+                          ('extra us/batch', 3, '{:+.1f}'), ('aten ops/batch', 6, '{:.1f}'), ('warm-up (s)', 4, '{:.2f}')):
         print(f"{label:<20}" + ''.join(f"{fmt.format(rows[k][i]):>{w}}" for k in names))
     print(f"{'valid acc (warm-up)':<20}" + ''.join(f"{rows[k][5][-1]:>{w}.4f}" for k in names))
     if 'a_fused' in rows and 'b_fused' in rows:
