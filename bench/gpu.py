@@ -33,13 +33,13 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from learnkit import Adam, Learner, accuracy
 from learnkit.callbacks.activations import ActivationStats
 from learnkit.callbacks.schedule import combined_cos
 from learnkit.data import DataLoaders, Normalize
 from learnkit.datasets import fashion_mnist
+from learnkit.diagnostics import OpCounter
 from learnkit.models import simple_cnn
 
 CONFIGS = {'a': 'hand loop', 'b': 'learnkit', 'c': '+ActStats', 'd': 'bf16+c_last', 'e': 'compile',
@@ -143,17 +143,6 @@ def bench_bs(bs, names, data, device, repeats, sync):
         extra_us = (t - statistics.median(times['a'])) / n_batches * 1e6
         rows[k] = (t, n_train * bs / t, ratio, extra_us, warm[k][0], warm[k][1], ops_per_batch(runs[k], n_batches))
     return rows
-
-
-class OpCounter(TorchDispatchMode):
-    "Counts the aten ops run inside the `with` block (each one a kernel launch or a dispatch on a GPU)."
-    def __init__(self):
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += 1
-        return func(*args, **(kwargs or {}))
 
 
 def ops_per_batch(run, n_batches):

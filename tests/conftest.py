@@ -5,7 +5,6 @@ import matplotlib
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
 matplotlib.use('Agg')
@@ -46,15 +45,3 @@ def tiny_cnn():
     "A small model for loop tests (the chapter's models live in learnkit.models)."
     return nn.Sequential(nn.Conv2d(1, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU(),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts the aten ops run inside the `with` block. On a GPU each is a kernel launch or at least a dispatch,
-    and a small CNN's step is bound by them, so an op count is a deterministic stand-in for a timing."""
-    def __init__(self):
-        super().__init__()
-        self.n = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += 1
-        return func(*args, **(kwargs or {}))

@@ -8,11 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import OpCounter, normalized_slice, torch_dls
+from conftest import normalized_slice, torch_dls
 from learnkit import Callback, CancelFitException, CancelStepException, Learner
 from learnkit.callbacks.activations import ActivationStats
 from learnkit.callbacks.gradients import GradientStats
 from learnkit.callbacks.hooks import HookCallback, Hook, Hooks, default_modules, hook_output, hook_outputs
+from learnkit.diagnostics import OpCounter
 from learnkit.models import simple_cnn
 
 

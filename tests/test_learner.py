@@ -6,11 +6,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import OpCounter, tiny_cnn, torch_dls
+from conftest import tiny_cnn, torch_dls
 from learnkit import (EVENTS, SGD, Callback, CancelBackwardException, CancelBatchException, CancelEpochException,
                       CancelFitException, CancelStepException, CancelTrainException, CancelValidException,
                       Learner, accuracy, error_rate)
 from learnkit.data import DataLoaders
+from learnkit.diagnostics import OpCounter
 
 
 class EventLog(Callback):

@@ -1,7 +1,8 @@
 """Diagnostics: read what the callbacks recorded and explain it: plots, the health report, interpretation."""
 from .health import Finding, HealthReport, Thresholds, diagnose
 from .interpret import ClassificationInterpretation
+from .ops import OpCounter
 from .plots import grid, plot_color_dim, plot_series
 
-__all__ = ['Finding', 'HealthReport', 'Thresholds', 'diagnose', 'ClassificationInterpretation', 'plot_color_dim',
+__all__ = ['Finding', 'HealthReport', 'Thresholds', 'diagnose', 'ClassificationInterpretation', 'OpCounter', 'plot_color_dim',
            'plot_series', 'grid']
