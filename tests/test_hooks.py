@@ -1,17 +1,21 @@
 """Hooks, ActivationStats and GradientStats on real Fashion-MNIST slices: hooks never outlive a fit, the
 records match statistics computed directly on the same activations, and the per-batch path never syncs."""
+import gc
 import math
+import weakref
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import normalized_slice, torch_dls
 from learnkit import Callback, CancelFitException, CancelStepException, Learner
 from learnkit.callbacks.activations import ActivationStats
 from learnkit.callbacks.gradients import GradientStats
+from learnkit.data import DataLoaders
 from learnkit.callbacks.hooks import HookCallback, Hook, Hooks, default_modules, hook_output, hook_outputs
 from learnkit.diagnostics import OpCounter
 from learnkit.models import simple_cnn
@@ -207,13 +211,14 @@ def test_sample_argument(fmnist):
     assert renamed.sample == 1024
 
 
-def test_records_stay_on_device_and_never_read_back_per_batch(monkeypatch, fmnist):
+@pytest.mark.parametrize('batched', [False, True])
+def test_records_stay_on_device_and_never_read_back_per_batch(monkeypatch, fmnist, batched):
     "Drive ActivationStats and GradientStats through training batches with every host read disabled."
     x, y = normalized_slice(fmnist, 256, 1)[:2]
     model = simple_cnn()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     learn = SimpleNamespace(model=model, training=True, train_iter=0, device=torch.device('cpu'))
-    cbs = [ActivationStats(with_hist=True), GradientStats(dead_window=2)]
+    cbs = [ActivationStats(with_hist=True, batched=batched), GradientStats(dead_window=2)]
     for cb in cbs:
         cb.learn = learn
         cb.before_fit()
@@ -225,7 +230,9 @@ def test_records_stay_on_device_and_never_read_back_per_batch(monkeypatch, fmnis
             if hasattr(type(cb), event): getattr(cb, event)()
     for xb, yb in zip(x.split(64), y.split(64)):
         fire('before_batch')
-        F.cross_entropy(model(xb), yb).backward()
+        pred = model(xb)
+        fire('after_pred')
+        F.cross_entropy(pred, yb).backward()
         fire('before_step')
         opt.step()
         fire('after_step')
@@ -233,6 +240,7 @@ def test_records_stay_on_device_and_never_read_back_per_batch(monkeypatch, fmnis
         fire('after_batch')
         learn.train_iter += 1
     monkeypatch.undo()
+    assert (cbs[0]._batch is not None) == batched  # from the second batch on, read together after the forward
     for cb in cbs: cb.after_fit()
     assert n_hooks(model) == 0
     assert cbs[0].stats['mean'].shape == (4, 5) and cbs[1].stats['grad_norm'].shape == (4, 5)
@@ -323,19 +331,92 @@ def test_gradient_stats_skip_steps_another_callback_cancelled(fmnist):
     assert torch.isfinite(s['update_ratio']).all() and (s['update_ratio'] > 0).all()
 
 
-def test_activation_stats_adds_a_fixed_few_ops_per_layer_whatever_the_activation_size(fmnist):
-    """ActivationStats' cost per training batch in aten ops (each a kernel launch on a GPU): four per hooked layer
-    (a view, two dots, the sample) plus the staged finish, shared by up to 16 batches; the same at bs 32 and at
-    bs 128, whose activations are 4x larger. Counted as the difference between fits of 64 and 32 batches, so
-    that the one-off set-up (buffers, sample positions) drops out."""
+@pytest.mark.parametrize('batched', [False, True])
+def test_activation_stats_adds_a_fixed_few_ops_per_layer_whatever_the_activation_size(fmnist, batched):
+    """ActivationStats' cost per training batch in aten ops (each a kernel launch on a GPU), the same at bs 32 and
+    at bs 128, whose activations are 4x larger. Per layer (the CPU's default): four per hooked layer (a view, two
+    dots, the sample). Batched (CUDA's default): a view per layer and four kernels for all of them. Both plus the
+    staged finish, shared by up to 16 batches. Counted as the difference between fits of 64 and 32 batches, so
+    that the one-off set-up (buffers, sample positions, the first batch read per layer) drops out."""
     def ops(bs, n_batches, cbs):
         learn = make_learner(fmnist, cbs, n_train=n_batches * bs, bs=bs)
         with OpCounter() as counter: learn.fit(1, 0.01)
         return counter.n
     for bs in (32, 128):
-        stats = [ActivationStats(with_hist=True) for _ in range(2)]
+        stats = [ActivationStats(with_hist=True, batched=batched) for _ in range(2)]
         with_stats = ops(bs, 64, stats[:1]) - ops(bs, 32, stats[1:])
         without = ops(bs, 64, []) - ops(bs, 32, [])
         extra, n_layers = (with_stats - without) / 32, len(stats[0].layer_names)
         assert n_layers == 5
-        assert 4 * n_layers <= extra <= 4 * n_layers + 3, f"bs {bs}: {extra:.2f} ops per batch for {n_layers} layers"
+        low, high = (n_layers + 4, n_layers + 7) if batched else (4 * n_layers, 4 * n_layers + 3)
+        assert low <= extra <= high, f"bs {bs}: {extra:.2f} ops per batch for {n_layers} layers"
+
+
+def _stats_of(fmnist, model_fn, n_train=1000, **kw):
+    "ActivationStats(with_hist=True, **kw) of one epoch of `model_fn()`, with a smaller last batch."
+    torch.manual_seed(0)
+    x, y, xv, yv = normalized_slice(fmnist, n_train, 64)
+    g = torch.Generator().manual_seed(0)
+    dls = DataLoaders(DataLoader(TensorDataset(x, y), 64, shuffle=True, generator=g), DataLoader(TensorDataset(xv, yv), 64))
+    stats = ActivationStats(with_hist=True, **kw)
+    Learner(dls, model_fn(), loss_func=F.cross_entropy, cbs=[stats], device='cpu').fit(1, 0.01)
+    return stats.stats
+
+
+def assert_same_records(a, b, layers=slice(None)):
+    for k in ('mean', 'std'): torch.testing.assert_close(a[k][:, layers], b[k][:, layers], rtol=1e-4, atol=1e-5)
+    for k in ('near_zero', 'hist'): assert torch.equal(a[k][:, layers], b[k][:, layers]), k
+
+
+def test_batched_reads_record_what_per_layer_reads_record(fmnist):
+    """Reading every layer together after the forward pass (CUDA's default, forced here) gives the per-layer
+    records: the same samples, so the same near_zero and histograms, and the same sums up to rounding; also
+    for the smaller last batch (1000 = 15 x 64 + 40)."""
+    model_fn = lambda: simple_cnn(bn=True)
+    per_layer, batched = _stats_of(fmnist, model_fn, batched=False), _stats_of(fmnist, model_fn, batched=True)
+    assert per_layer['mean'].shape == (16, 10)
+    assert_same_records(per_layer, batched)
+
+
+class SometimesInPlace(nn.Module):
+    "ReLU, in place from training batch `start` on (the batched reads must notice and give up on that layer)."
+    def __init__(self, start=None): super().__init__(); self.start, self.calls = start, 0
+    def forward(self, x):
+        self.calls += self.training
+        in_place = self.start is not None and self.calls > self.start
+        return x.relu_() if in_place else x.relu()
+
+
+def test_batched_reads_see_outputs_before_any_in_place_change(fmnist):
+    """A conv whose output a later op changes in place (ReLU(inplace=True), as in torchvision's ResNets) is read in
+    its hook, before the change: the first batch shows which outputs are changed, and those layers are never
+    batched. One found changed only later (batch 5 here) is reported, recorded as missing for that batch, and read
+    in its hook from then on; the other layers stay batched and unaffected."""
+    def model_fn(relu):
+        return lambda: nn.Sequential(nn.Conv2d(1, 8, 3, 2, 1), relu(), nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU(),
+                                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    always = model_fn(lambda: nn.ReLU(inplace=True))
+    assert_same_records(_stats_of(fmnist, always, batched=False), _stats_of(fmnist, always, batched=True))
+    later = model_fn(lambda: SometimesInPlace(start=5))
+    per_layer = _stats_of(fmnist, later, batched=False)
+    with pytest.warns(RuntimeWarning, match=r"output of 0 Conv2d was changed in place after its forward in training batch 5"):
+        batched = _stats_of(fmnist, later, batched=True)
+    assert batched['mean'][5, 0].isnan() and batched['near_zero'][5, 0].isnan()
+    assert not batched['mean'][5, 1:].isnan().any()
+    keep = torch.arange(len(per_layer['mean'])) != 5
+    assert_same_records({k: v[keep] for k, v in per_layer.items() if k in ('mean', 'std', 'near_zero', 'hist')},
+                        {k: v[keep] for k, v in batched.items() if k in ('mean', 'std', 'near_zero', 'hist')})
+
+
+def test_batched_reads_keep_no_activation_after_the_forward_pass(fmnist):
+    "Batched reads hold each output from its hook to the end of the forward pass only: nothing survives fit."
+    outputs = []
+    model = simple_cnn()
+    model[-2].register_forward_hook(lambda m, i, o: outputs.append(weakref.ref(o)))
+    make_learner(fmnist, [ActivationStats(with_hist=True, batched=True)], model=model, n_train=256).fit(1, 0.01)
+    gc.collect()
+    assert len(outputs) == 4 + 1 and all(ref() is None for ref in outputs)  # 4 training batches, 1 validation
+
+
+def test_batched_argument():
+    with pytest.raises(ValueError, match='batched must be None'): ActivationStats(batched='yes')

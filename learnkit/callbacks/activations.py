@@ -3,7 +3,8 @@
 The hot path is the forward hook, and it is short: for a hooked output `x` of n elements it launches three
 kernels, whatever n is: `dot(x, 1)` and `dot(x, x)`, kept for this batch's row of the records, and an
 `index_select` of a fixed-size random sample of `x` into the layer's slot of this batch's sample buffer.
-Nothing else happens per batch. Every `depth` batches (up to 16; and whenever the records are read, and when
+Nothing else happens per batch. On CUDA the layers are instead read together after the forward pass, four
+kernels for all of them (see activation_batch.py): there a small CNN is bound by kernel launches. Every `depth` batches (up to 16; and whenever the records are read, and when
 fit ends) the staged batches are finished together: one comparison and one sum count the near-zero values of
 every sample, one `nan_to_num`, `clamp_`, `add` and `bincount` (`histc` on CUDA, where bincount would sync)
 bin them all, each (batch, layer) in its own block of bins, and one copy appends the rows to a `TensorLog`.
@@ -23,6 +24,7 @@ import warnings
 import torch
 
 from ..records import TensorLog
+from .activation_batch import BatchedReads, warn_changed_in_place
 from .hooks import HookCallback, layer_index
 
 __all__ = ['ActivationStats', 'activation_summary', 'NEAR_ZERO']
@@ -75,9 +77,18 @@ class ActivationStats(HookCallback):
       under 0.1 where the sample has 100 or more values in the bin, and the colours of sparse bins flicker;
       bins below about 1 / sample of the mass may read 0 on a given batch.
     `sample=None` counts and histograms every element (exact; on the CPU about twice the cost).
+
+    `batched` chooses how outputs are read. Per layer (`False`, the default on the CPU): in each hook, while the
+    output is in cache; four ops per layer. Batched (`None`, the default, means this on CUDA; `True` forces it):
+    all layers together after the forward pass, a view per layer and four kernels in all, the same records up to
+    float rounding. It holds each output from its hook to the end of the forward pass, and uses a buffer of
+    layers x the largest output (chosen automatically only up to 64 MB; beyond that a step is bound by
+    arithmetic, not launches). Outputs that a later op changes in place (ReLU(inplace=True), a ResNet's `+=`)
+    are found on the first batch and read per layer; one found changed later is warned about, recorded as
+    missing for that batch, and read per layer from then on. With `sample=None` outputs are read per layer.
     """
     def __init__(self, with_hist=False, modules=None, every=None, bins=40, hist_range=(0, 10), sample=2048,
-                 include_paramless=False, hist_sample=_UNSET):
+                 include_paramless=False, batched=None, hist_sample=_UNSET):
         super().__init__(modules=modules, every=every, include_paramless=include_paramless)
         if hist_sample is not _UNSET:
             warnings.warn("ActivationStats(hist_sample=...) is now `sample`: it sizes the sample that both near_zero "
@@ -86,13 +97,16 @@ class ActivationStats(HookCallback):
         if not isinstance(bins, int) or bins < 1: raise ValueError(f"bins must be a positive int; got {bins!r}")
         if sample is not None and (not isinstance(sample, int) or isinstance(sample, bool) or sample < 1):
             raise ValueError(f"sample must be a positive int or None (count every element); got {sample!r}")
-        self.with_hist, self.bins, self.sample = with_hist, bins, sample
+        if batched not in (None, True, False):
+            raise ValueError(f"batched must be None (on CUDA), True or False; got {batched!r}")
+        self.with_hist, self.bins, self.sample, self.batched = with_hist, bins, sample, batched
         self.hist_range = _check_range(hist_range)
         self._reset()
 
     def _reset(self):
         self._log, self.iters, self._cache, self._layers = TensorLog(), [], None, []
         self._samples, self._k, self._b, self._done, self._depth = None, 0, 0, 0, 0
+        self._batch, self._plan, self._changed, self._probe, self._pending, self._deferred = None, None, [], False, [], []
 
     def before_fit(self):
         super().before_fit()
@@ -109,6 +123,12 @@ class ActivationStats(HookCallback):
         # nothing is copied from the host (a pageable host-to-device copy would sync the GPU).
         self._gen = torch.Generator(device=dev).manual_seed(0)
         self._new_buffers(self.sample or 1)
+        # Batched reads (see activation_batch): the first recorded batch is read per layer and tells which outputs
+        # later ops change in place; the others are then read together after the forward pass.
+        wanted = self.batched if self.batched is not None else dev.type == 'cuda'
+        self._probe = wanted and self.sample is not None
+        self._batch, self._plan, self._changed = None, None, []
+        self._pending, self._deferred = [None] * n, [False] * n
 
     def before_batch(self):
         super().before_batch()
@@ -119,9 +139,25 @@ class ActivationStats(HookCallback):
         if self._active: self.hook(module, inp, out)  # skips HookCallback's detaching of the inputs
 
     def hook(self, module, inp, out):
+        i, x = self._layer_of[id(module)], _first_tensor(out)
+        if self._deferred[i]:  # read after the forward pass, with the other batched layers
+            self._pending[i] = (x, x._version)
+            return
         # Under no_grad rather than through detach(): the same effect, one op fewer per layer (on a GPU, where a
         # small CNN's step is bound by launch overhead, every op counts).
-        with torch.no_grad(): self._record(self._layer_of[id(module)], _first_tensor(out))
+        with torch.no_grad(): self._record(i, x)
+        if self._probe: self._pending[i] = (x, x._version)
+
+    def after_pred(self):
+        if not self._active or not (self._probe or self._batch is not None): return
+        if self._probe:  # the outputs no later op changed in place can be read after the forward pass
+            ready = [(i, out[0].numel()) for i, (fired, out) in enumerate(zip(self._fired, self._pending))
+                     if fired and out[0]._version == out[1]]
+            self._plan = ([i for i, _ in ready], [n for _, n in ready])
+        else:
+            with torch.no_grad(): self._changed = self._batch.read(self._b, self._pending, self._pick)
+            for i in self._changed: warn_changed_in_place(self.layer_names[i], self.learn.train_iter)
+        self._pending = [None] * len(self._pending)  # hold no activation beyond the forward pass
 
     def _record(self, i, x):
         if x.dtype != torch.float32: x = x.float()
@@ -141,16 +177,37 @@ class ActivationStats(HookCallback):
         else: torch.index_select(flat, 0, pool[self._pick], out=slot)
         self._fired[i] = True
 
+    def _flat_of(self, i, x):
+        "Layer i's output as a 1-D view in memory order, with its size bookkeeping updated; None when empty."
+        flat = x.view(-1) if x.is_contiguous() else _flat(x)
+        if flat.numel() == 0: return None
+        layer = self._layers[i]
+        if layer is None or layer[0] != flat.numel(): self._new_size(i, flat.numel())
+        return flat
+
     def after_batch(self):
         if self._active:
             if not all(self._fired): self._mark_missing()
             self.iters.append(self.learn.train_iter)
             self._fired = [False] * len(self._fired)
             self._b += 1
+            if self._plan is not None or self._changed: self._replan()
             if self._b == self._depth:
                 self.flush()
                 self._b = self._done = 0  # the staging buffers are reused from the top
         super().after_batch()
+
+    def _replan(self):
+        "Start (after the first batch) or narrow (an output found changed in place) the batched reads."
+        self.flush()  # the staged batches were recorded with the old plan
+        if self._plan is not None: layers, sizes = self._plan
+        else:
+            kept = [(i, n) for i, n in zip(self._batch.layers, self._batch.sizes) if i not in self._changed]
+            layers, sizes = [i for i, _ in kept], [n for _, n in kept]
+        self._probe, self._plan, self._changed = False, None, []
+        use = bool(layers) and (self.batched or BatchedReads.fits(sizes))
+        self._batch = BatchedReads(self, layers, sizes, self._samples, self.learn.device, _POOL) if use else None
+        self._deferred = [use and i in layers for i in range(len(self._layers))]
 
     def _mark_missing(self):
         "A hooked layer did not run this batch: record it as empty (numel 0) rather than repeat stale values."
@@ -170,11 +227,7 @@ class ActivationStats(HookCallback):
         sampled = self.sample is not None and n > self.sample
         if not sampled and n > self._k:  # sample=None: slots fit every output
             self._new_buffers(n)
-        pool = None
-        if sampled:
-            if n not in self._pools:
-                self._pools[n] = torch.randint(n, (_POOL, self._k), generator=self._gen, device=self.learn.device)
-            pool = self._pools[n].unbind(0)
+        pool = self._positions(n).unbind(0) if sampled else None
         # This and later staged batches; the batches staged before keep the size they were recorded with.
         self._sizes[i, 0].fill_(n)  # fill_ with a number: no host-to-device copy, so no sync
         self._sizes[i, 1].fill_(self._k if sampled else n)
@@ -183,6 +236,13 @@ class ActivationStats(HookCallback):
         slots = [self._samples[b, i, :n if not sampled else None] for b in range(self._depth)]
         self._layers[i] = (n, self._ones[:n], pool, slots)
         return self._layers[i]
+
+    def _positions(self, n):
+        "The sets of sample positions for outputs of n elements, drawn on first use; None if they are counted whole."
+        if self.sample is None or n <= self.sample: return None
+        if n not in self._pools:
+            self._pools[n] = torch.randint(n, (_POOL, self._k), generator=self._gen, device=self.learn.device)
+        return self._pools[n]
 
     def _new_buffers(self, k):
         """The staging buffers for `depth` batches of `k` sample values per layer: rows (depth, layers, 5 + bins)
@@ -223,6 +283,7 @@ class ActivationStats(HookCallback):
         m, n_layers = end - start, len(self._layers)
         rows, samples = self._stage[start:end], self._samples[start:end]
         rows[..., _SUM:_NEAR].copy_(torch.stack(self._sums[2 * start * n_layers:2 * end * n_layers]).view(m, -1, 2))
+        if self._batch is not None: self._batch.finish(rows, start, end)  # the batched layers' sums
         # NaN (unused slot positions) compares False: only sampled values are counted.
         torch.sum(torch.le(samples, NEAR_ZERO, out=self._near_flags[:m]), 2, out=rows[..., _NEAR])
         if self.with_hist: rows[..., _HIST:].copy_(self._histograms(samples))
@@ -261,6 +322,8 @@ class ActivationStats(HookCallback):
         self._samples = self._stage = self._near_flags = self._ones = self._pools = self._sizes = None
         self._sums = []
         self._hist_offsets = self._hist_vals = self._hist_pos = self._hist_idx = None
+        self._batch, self._plan, self._changed, self._probe = None, None, [], False
+        self._pending, self._deferred = [None] * len(self._layers), [False] * len(self._layers)
         self._b = self._done = 0
         self._layers = [None] * len(self._layers)
 
