@@ -243,3 +243,28 @@ def test_compiled_model_records_activation_stats_on_cuda(fmnist):
     with learn.no_bar(): learn.fit_one_cycle(1, 1e-2, cbs=acts)
     assert len(acts.stats['mean']) == len(learn.dls.train) and acts.stats['mean'].isfinite().all()
     assert learn.recorder.values[-1][2] > 0.5
+
+
+@cuda
+@pytest.mark.parametrize('setup', ['fp32', 'bf16+channels_last'])
+def test_batched_reads_on_cuda_record_what_per_layer_reads_record(fmnist, setup):
+    """CUDA reads the hooked outputs together after the forward pass (and under bf16 autocast, which must not
+    lower the precision of its sums); the records equal those read per layer. lr=0 keeps the weights, so both
+    runs see the same activations whatever cuDNN's backward does."""
+    class ReadTogether(Callback):
+        order = 100
+        def after_batch(self):
+            if self.training: self.seen.append(self.learn.activation_stats._batch is not None)
+
+    stats = {}
+    for batched in (None, False):  # None: CUDA's default, batched
+        torch.manual_seed(0)
+        learn = cuda_learner(fmnist, n=2048, channels_last='channels_last' in setup)
+        if 'bf16' in setup: learn.to_bf16()
+        acts, mode = ActivationStats(with_hist=True, batched=batched), ReadTogether()
+        mode.seen = []
+        with learn.no_bar(): learn.fit(1, 0., cbs=[acts, mode])
+        assert mode.seen == [batched is None] * 8 and len(acts.stats['mean']) == 8
+        stats[batched] = acts.stats
+    for k in ('mean', 'std'): torch.testing.assert_close(stats[None][k], stats[False][k], rtol=1e-3, atol=1e-5)
+    for k in ('near_zero', 'hist'): assert torch.equal(stats[None][k], stats[False][k]), k

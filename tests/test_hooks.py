@@ -364,7 +364,8 @@ def _stats_of(fmnist, model_fn, n_train=1000, **kw):
 
 
 def assert_same_records(a, b, layers=slice(None)):
-    for k in ('mean', 'std'): torch.testing.assert_close(a[k][:, layers], b[k][:, layers], rtol=1e-4, atol=1e-5)
+    # float32 sums in another order: the std of a 400k-element output moved by up to 2e-4 (relative) in our runs
+    for k in ('mean', 'std'): torch.testing.assert_close(a[k][:, layers], b[k][:, layers], rtol=1e-3, atol=1e-5)
     for k in ('near_zero', 'hist'): assert torch.equal(a[k][:, layers], b[k][:, layers]), k
 
 

@@ -155,7 +155,10 @@ class ActivationStats(HookCallback):
                      if fired and out[0]._version == out[1]]
             self._plan = ([i for i, _ in ready], [n for _, n in ready])
         else:
-            with torch.no_grad(): self._changed = self._batch.read(self._b, self._pending, self._pick)
+            # Outside autocast (MixedPrecision keeps it on until after_loss): on CUDA it would run mv and bmm, the
+            # sums, in reduced precision.
+            with torch.no_grad(), torch.autocast(self.learn.device.type, enabled=False):
+                self._changed = self._batch.read(self._b, self._pending, self._pick)
             for i in self._changed: warn_changed_in_place(self.layer_names[i], self.learn.train_iter)
         self._pending = [None] * len(self._pending)  # hold no activation beyond the forward pass
 
