@@ -421,3 +421,20 @@ def test_batched_reads_keep_no_activation_after_the_forward_pass(fmnist):
 
 def test_batched_argument():
     with pytest.raises(ValueError, match='batched must be None'): ActivationStats(batched='yes')
+
+
+def test_gradient_stats_adds_a_fixed_few_ops_per_step(fmnist):
+    """GradientStats' cost per training step in aten ops: its fused multi-tensor ops cover every layer at once,
+    so the count does not grow with the layers; two per ReLU per batch track dead units. The same at bs 32 and
+    bs 128 (counted as in the ActivationStats test above)."""
+    def ops(bs, n_batches, cbs):
+        torch.manual_seed(0)
+        learn = make_learner(fmnist, cbs, model=simple_cnn(bn=True), n_train=n_batches * bs, bs=bs)
+        with OpCounter() as counter: learn.fit(1, 0.01)
+        return counter.n
+    for bs in (32, 128):
+        stats = [GradientStats() for _ in range(2)]
+        extra = ((ops(bs, 64, stats[:1]) - ops(bs, 32, stats[1:])) - (ops(bs, 64, []) - ops(bs, 32, []))) / 32
+        n_layers, n_relus = len(stats[0].layer_names), len(stats[0].relu_names)
+        assert (n_layers, n_relus) == (10, 4)
+        assert extra <= 21 + 2 * n_relus, f"bs {bs}: {extra:.2f} ops per step"

@@ -3,7 +3,7 @@
 Per recorded step it uses torch's fused multi-tensor (`_foreach_*`) ops: one `_foreach_norm` over the gradients,
 one `_foreach_copy_` snapshot of the weights before the optimizer step, one `_foreach_sub_` and two
 `_foreach_norm`s after it, so the update measured is the one the optimizer really made (momentum, weight
-decay, Adam's scaling and the lr included). Norms of a layer's parameters are combined with one `index_add_`.
+decay, Adam's scaling and the lr included). Norms of a layer's parameters are combined with one `mv`.
 Dead units are tracked with forward hooks on the ReLUs: a running per-channel max, two kernels per batch.
 """
 import torch
@@ -53,15 +53,20 @@ class GradientStats(Callback):
         if not self._params:
             raise ValueError(f"GradientStats found no trainable parameters in the layers of {type(model).__name__}")
         self.layer_names, self._n_layers = module_names(model, layers), len(layers)
-        self._owner = torch.tensor(owner, device=dev)
+        # Which layer each parameter belongs to, as a (layers, params) 0/1 matrix: one mv sums the parameters'
+        # squared norms per layer.
+        self._owner = torch.zeros(len(layers), len(owner)).index_put_(
+            (torch.tensor(owner), torch.arange(len(owner))), torch.tensor(1.)).to(dev)
         self._prev = [torch.empty_like(p) for p in self._params]
         self._zeros = {}
         self._row = torch.zeros(2, self._n_layers, device=dev)
+        self._row_views = (self._row[0], self._row[1])  # made once: a view is an op too
         relus = [m for m in model.modules() if isinstance(m, RELU_TYPES)]
         self.relu_names = module_names(model, relus)
         self._relu_max = [None] * len(relus)
         self._relu_index = {id(m): j for j, m in enumerate(relus)}
-        self._relu_hooks = Hooks(relus, self._relu_hook) if relus else None
+        # Not detached per call (two more ops per ReLU per batch): the hook runs under no_grad instead.
+        self._relu_hooks = Hooks(relus, self._relu_hook, detach=False) if relus else None
         self._log, self._dead_log, self.iters, self.dead_iters, self._in_window = TensorLog(), TensorLog(), [], [], 0
 
     def before_batch(self):
@@ -69,6 +74,7 @@ class GradientStats(Callback):
         self._active = self.learn.training and (self.every is None or self._iter % self.every == 0)
         self._snapped = False
 
+    @torch.no_grad()
     def _relu_hook(self, module, inp, out):
         if not self._active or out.ndim < 2: return
         j = self._relu_index[id(module)]
@@ -81,7 +87,7 @@ class GradientStats(Callback):
     def before_step(self):
         if not self._active: return
         grads = [p.grad if p.grad is not None else self._zero(p) for p in self._params]
-        self._layer_norms(torch._foreach_norm(grads), out=self._row[0])
+        self._layer_norms(torch._foreach_norm(grads), out=self._row_views[0])
         self._weight_sq = self._layer_sq(torch._foreach_norm(self._params))
         torch._foreach_copy_(self._prev, self._params)
         self._snapped = True
@@ -95,7 +101,7 @@ class GradientStats(Callback):
         if not self._active: return
         torch._foreach_sub_(self._prev, self._params)  # now w_before - w_after
         update = self._layer_sq(torch._foreach_norm(self._prev))
-        torch.div(update.sqrt_(), self._weight_sq.sqrt_(), out=self._row[1])
+        torch.div(update.sqrt_(), self._weight_sq.sqrt_(), out=self._row_views[1])
         # Recorded here rather than in after_batch, so that a checkpoint written in this batch's after_batch
         # (SaveModelCallback runs before us there) already holds this step.
         self._log.append(self._row)
@@ -143,9 +149,8 @@ class GradientStats(Callback):
         return self._zeros[p.device]
 
     def _layer_sq(self, norms):
-        "Per-parameter norms -> per-layer sums of squares (one index_add_)."
-        sq = torch.stack(norms).float().square_()
-        return torch.zeros(self._n_layers, device=sq.device).index_add_(0, self._owner, sq)
+        "Per-parameter norms -> per-layer sums of squares."
+        return torch.mv(self._owner, torch.stack(norms).float().square_())
 
     def _layer_norms(self, norms, out):
         torch.sqrt(self._layer_sq(norms), out=out)
