@@ -12,7 +12,8 @@ validation on 10,000 with loss and accuracy), for each configuration:
          summed on the device and read once at the end. No host read inside the epoch.
   b      learnkit: Learner with the default callbacks (the progress display is whatever this terminal gets:
          plain epoch lines when stdout is not a tty), DataLoaders.from_tensors (device-resident uint8 cache)
-  c      b + ActivationStats(with_hist=True)
+  c      b + ActivationStats(with_hist=True) (on CUDA its outputs are read together after the forward pass)
+  c_layer, c_batch   c with batched=False (every output read in its hook, the CPU's default) and batched=True
   d      b + to_bf16() + channels_last=True
   e      b + learn.compile()
   a_fused, b_fused   a and b with torch's fused AdamW (learnkit: Adam(fused=True))
@@ -42,7 +43,8 @@ from learnkit.datasets import fashion_mnist
 from learnkit.diagnostics import OpCounter
 from learnkit.models import simple_cnn
 
-CONFIGS = {'a': 'hand loop', 'b': 'learnkit', 'c': '+ActStats', 'd': 'bf16+c_last', 'e': 'compile',
+CONFIGS = {'a': 'hand loop', 'b': 'learnkit', 'c': '+ActStats', 'c_layer': 'ActSt/layer', 'c_batch': 'ActSt/batch',
+           'd': 'bf16+c_last', 'e': 'compile',
            'a_fused': 'hand fused', 'b_fused': 'lk fused'}
 LR_MAX, DIV, DIV_FINAL, PCT_START, MOMS, SQR_MOM, EPS, WD = 1e-2, 25., 1e5, 0.25, (0.95, 0.85, 0.95), 0.99, 1e-5, 0.01
 
@@ -102,10 +104,11 @@ class LearnkitRun:
                              opt_func=opt_func, device=device, channels_last=name == 'd')
         if name == 'd': self.learn.to_bf16()
         if name == 'e': self.learn.compile()
-        self.name, self.with_acts = name, name == 'c'
+        self.name, self.with_acts = name, name.startswith('c')
 
     def fit_one_cycle(self):
-        cbs = [ActivationStats(with_hist=True)] if self.with_acts else None
+        batched = {'c_layer': False, 'c_batch': True}.get(self.name)
+        cbs = [ActivationStats(with_hist=True, batched=batched)] if self.with_acts else None
         with self.learn.no_logging():
             self.learn.fit_one_cycle(1, LR_MAX, div=DIV, div_final=DIV_FINAL, pct_start=PCT_START, moms=MOMS, cbs=cbs)
         return self.learn.recorder.values[-1]

@@ -2,10 +2,11 @@
 
 On a GPU, a small CNN's training step is bound by kernel launches, not arithmetic, so what a statistic costs
 is the number of ops it launches. Read one layer at a time, in its hook, ActivationStats launches four per
-layer (a view, two dots, the sample). Read together at `after_pred`, the layers cost a view each and four
-kernels in all: one `cat` of every output into a (layers, longest) grid padded with zeros, an `mv` of the grid
-with ones and a `bmm` of its rows with themselves (the exact sums of x and x^2: padding adds nothing), and one
-`index_select` of every layer's sample, with the same positions the per-layer path would use.
+layer (a view, two dots, the sample). Read together at `after_pred`, the layers cost a view each and five
+kernels in all: one `cat` of every output into a grid of rows of 1024 values (each output padded with zeros to
+whole rows), an `mv` of the grid with ones and a `bmm` of each row with itself (row sums of x and x^2: padding
+adds nothing), an `mm` that adds up each layer's rows, and one `index_select` of every layer's sample, with the
+same positions the per-layer path would use.
 
 Two things make the per-layer path the right one elsewhere. On the CPU the hook reads each output while it is
 still in cache, and the padded grid would be read from memory: the batched reads are slower there. And an
@@ -18,7 +19,8 @@ import warnings
 
 import torch
 
-_GRID_VALUES = 2 ** 24  # the padded grid, when chosen automatically: at most 64 MB of float32
+_WIDTH = 1024  # values per grid row: each output wastes less than one row on padding
+_GRID_VALUES = 2 ** 24  # the grid, when chosen automatically: at most 64 MB of float32
 
 
 class BatchedReads:
@@ -34,35 +36,43 @@ class BatchedReads:
         self.index = torch.empty(len(layers), dtype=torch.long, device=device)
         for j, i in enumerate(layers): self.index[j].fill_(i)
         depth = len(samples)
-        self.sums = torch.zeros(depth, 2, len(layers), device=device)  # per staged batch: sum(x), sum(x^2) per row
-        # Every per-batch destination is a view made once here: a view is an op too.
-        self.sum_views = [(self.sums[b, 0], self.sums[b, 1].view(-1, 1, 1)) for b in range(depth)]
+        self.sums = torch.zeros(depth, 2, len(layers), device=device)  # per staged batch: sum(x), sum(x^2) per layer
+        # Every per-batch destination is a view made once: a view is an op too.
+        self.sum_rows = list(self.sums.unbind(0))
         self.sample_rows = [samples[b].view(-1) if self.all_layers else samples[b] for b in range(depth)]
         self._layout(tuple(sizes))
 
     @staticmethod
     def fits(sizes):
-        "Whether the padded grid of outputs of these sizes is small enough to be chosen automatically."
-        return len(sizes) * max(sizes) <= _GRID_VALUES
+        "Whether the grid of outputs of these sizes is small enough to be chosen automatically."
+        return sum(-(-n // _WIDTH) for n in sizes) * _WIDTH <= _GRID_VALUES
 
     def _layout(self, sizes):
-        "The grid for outputs of `sizes`: its buffer, zero padding, blanks for missing layers, sample positions."
+        """The grid for outputs of `sizes`: its buffer, row and per-batch views, zero padding, blanks for missing
+        layers, the (rows, layers) 0/1 matrix that adds up each layer's rows, and the sample positions."""
         if sizes in self._layouts: return self._layouts[sizes]
-        dev, k, width = self.device, self.stats._k, max(sizes)
-        rows = len(sizes)
-        zeros = torch.zeros(width, device=dev)
-        pads = [zeros[:width - n] if n < width else None for n in sizes]
+        dev, k = self.device, self.stats._k
+        n_rows = [-(-n // _WIDTH) for n in sizes]
+        starts = [0]
+        for r in n_rows: starts.append(starts[-1] + r)
+        rows = starts[-1]
+        zeros = torch.zeros(max(sizes), device=dev)
+        pads = [zeros[:r * _WIDTH - n] if n < r * _WIDTH else None for n, r in zip(sizes, n_rows)]
         blanks = [zeros[:n] for n in sizes]
-        buffer = torch.empty(rows * width + 1, device=dev)  # the grid, then one NaN for unused sample slots
+        buffer = torch.empty(rows * _WIDTH + 1, device=dev)  # the grid, then one NaN for unused sample slots
         nan = torch.full((1,), float('nan'), device=dev)
-        positions = torch.full((self.pool_size, rows, k), rows * width, dtype=torch.long, device=dev)
+        owner = torch.zeros(rows, len(sizes), device=dev)
+        positions = torch.full((self.pool_size, len(sizes), k), rows * _WIDTH, dtype=torch.long, device=dev)
         for j, n in enumerate(sizes):
-            pool = self.stats._positions(n)
-            if pool is None: positions[:, j, :n] = torch.arange(n, device=dev) + j * width
-            else: positions[:, j] = pool + j * width
-        grid = buffer[:-1].view(rows, width)
-        layout = (buffer, grid, (grid.unsqueeze(1), grid.unsqueeze(2), torch.ones(width, device=dev)), pads, blanks,
-                  nan, positions.view(len(positions), -1).unbind(0))
+            owner[starts[j]:starts[j + 1], j] = 1.
+            pool, offset = self.stats._positions(n), starts[j] * _WIDTH
+            if pool is None: positions[:, j, :n] = torch.arange(n, device=dev) + offset
+            else: positions[:, j] = pool + offset
+        grid = buffer[:-1].view(rows, _WIDTH)
+        row_sums = torch.empty(2, rows, device=dev)  # per row: sum(x), sum(x^2)
+        ops = (grid.unsqueeze(1), grid.unsqueeze(2), torch.ones(_WIDTH, device=dev), row_sums[0],
+               row_sums[1].view(rows, 1, 1), row_sums, owner)
+        layout = (buffer, grid, ops, pads, blanks, nan, positions.view(len(positions), -1).unbind(0))
         self._layouts[sizes] = layout
         return layout
 
@@ -81,16 +91,17 @@ class BatchedReads:
                 self.sizes[j] = flat.numel()
                 stats._fired[i] = True
         sizes = tuple(self.sizes)
-        buffer, grid, (rows, columns, ones), pads, blanks, nan, positions = self._layout(sizes)
+        buffer, grid, (rows, columns, ones, totals, squares, row_sums, owner), pads, blanks, nan, positions = \
+            self._layout(sizes)
         parts = []
         for flat, blank, pad in zip(flats, blanks, pads):
             parts.append(flat if flat is not None else blank)
             if pad is not None: parts.append(pad)
         parts.append(nan)
         torch.cat(parts, out=buffer)
-        total, squares = self.sum_views[b]
-        torch.mv(grid, ones, out=total)
+        torch.mv(grid, ones, out=totals)
         torch.bmm(rows, columns, out=squares)  # each row with itself
+        torch.mm(row_sums, owner, out=self.sum_rows[b])  # each layer's rows added up
         if self.all_layers: torch.index_select(buffer, 0, positions[pick], out=self.sample_rows[b])
         else: self.sample_rows[b].index_copy_(0, self.index, torch.index_select(buffer, 0, positions[pick]).view(len(sizes), -1))
         return changed

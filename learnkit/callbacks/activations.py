@@ -3,7 +3,7 @@
 The hot path is the forward hook, and it is short: for a hooked output `x` of n elements it launches three
 kernels, whatever n is: `dot(x, 1)` and `dot(x, x)`, kept for this batch's row of the records, and an
 `index_select` of a fixed-size random sample of `x` into the layer's slot of this batch's sample buffer.
-Nothing else happens per batch. On CUDA the layers are instead read together after the forward pass, four
+Nothing else happens per batch. On CUDA the layers are instead read together after the forward pass, five
 kernels for all of them (see activation_batch.py): there a small CNN is bound by kernel launches. Every `depth` batches (up to 16; and whenever the records are read, and when
 fit ends) the staged batches are finished together: one comparison and one sum count the near-zero values of
 every sample, one `nan_to_num`, `clamp_`, `add` and `bincount` (`histc` on CUDA, where bincount would sync)
@@ -80,9 +80,9 @@ class ActivationStats(HookCallback):
 
     `batched` chooses how outputs are read. Per layer (`False`, the default on the CPU): in each hook, while the
     output is in cache; four ops per layer. Batched (`None`, the default, means this on CUDA; `True` forces it):
-    all layers together after the forward pass, a view per layer and four kernels in all, the same records up to
-    float rounding. It holds each output from its hook to the end of the forward pass, and uses a buffer of
-    layers x the largest output (chosen automatically only up to 64 MB; beyond that a step is bound by
+    all layers together after the forward pass, a view per layer and five kernels in all, the same records up to
+    float rounding. It holds each output from its hook to the end of the forward pass, and copies them all into
+    one buffer (chosen automatically only while that is at most 64 MB; beyond that a step is bound by
     arithmetic, not launches). Outputs that a later op changes in place (ReLU(inplace=True), a ResNet's `+=`)
     are found on the first batch and read per layer; one found changed later is warned about, recorded as
     missing for that batch, and read per layer from then on. With `sample=None` outputs are read per layer.
