@@ -16,7 +16,8 @@ class TensorLog:
         self.chunk, self.buf, self.n, self._pending = chunk, None, 0, []
 
     def append(self, x, copy=True):
-        self._pending.append(x.detach().clone() if copy else x.detach())
+        if x.requires_grad: x = x.detach()  # (a detach of a tensor outside the graph would be an op for nothing)
+        self._pending.append(x.clone() if copy else x)
         if len(self._pending) >= self.chunk: self._flush()
 
     def extend(self, rows):
