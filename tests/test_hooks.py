@@ -357,7 +357,8 @@ def _stats_of(fmnist, model_fn, n_train=1000, **kw):
     torch.manual_seed(0)
     x, y, xv, yv = normalized_slice(fmnist, n_train, 64)
     g = torch.Generator().manual_seed(0)
-    dls = DataLoaders(DataLoader(TensorDataset(x, y), 64, shuffle=True, generator=g), DataLoader(TensorDataset(xv, yv), 64))
+    dls = DataLoaders(DataLoader(TensorDataset(x, y), 64, shuffle=True, generator=g),
+                      DataLoader(TensorDataset(xv, yv), 64))
     stats = ActivationStats(with_hist=True, **kw)
     Learner(dls, model_fn(), loss_func=F.cross_entropy, cbs=[stats], device='cpu').fit(1, 0.01)
     return stats.stats
@@ -400,7 +401,7 @@ def test_batched_reads_see_outputs_before_any_in_place_change(fmnist):
     assert_same_records(_stats_of(fmnist, always, batched=False), _stats_of(fmnist, always, batched=True))
     later = model_fn(lambda: SometimesInPlace(start=5))
     per_layer = _stats_of(fmnist, later, batched=False)
-    with pytest.warns(RuntimeWarning, match=r"output of 0 Conv2d was changed in place after its forward in training batch 5"):
+    with pytest.warns(RuntimeWarning, match=r"output of 0 Conv2d was changed in place .* in training batch 5"):
         batched = _stats_of(fmnist, later, batched=True)
     assert batched['mean'][5, 0].isnan() and batched['near_zero'][5, 0].isnan()
     assert not batched['mean'][5, 1:].isnan().any()

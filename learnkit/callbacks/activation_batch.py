@@ -91,7 +91,7 @@ class BatchedReads:
                 self.sizes[j] = flat.numel()
                 stats._fired[i] = True
         sizes = tuple(self.sizes)
-        buffer, grid, (rows, columns, ones, totals, squares, row_sums, owner), pads, blanks, nan, positions = \
+        buffer, grid, (as_rows, as_columns, ones, totals, squares, row_sums, owner), pads, blanks, nan, positions = \
             self._layout(sizes)
         parts = []
         for flat, blank, pad in zip(flats, blanks, pads):
@@ -100,17 +100,20 @@ class BatchedReads:
         parts.append(nan)
         torch.cat(parts, out=buffer)
         torch.mv(grid, ones, out=totals)
-        torch.bmm(rows, columns, out=squares)  # each row with itself
+        torch.bmm(as_rows, as_columns, out=squares)  # each row with itself
         torch.mm(row_sums, owner, out=self.sum_rows[b])  # each layer's rows added up
         if self.all_layers: torch.index_select(buffer, 0, positions[pick], out=self.sample_rows[b])
-        else: self.sample_rows[b].index_copy_(0, self.index, torch.index_select(buffer, 0, positions[pick]).view(len(sizes), -1))
+        else:
+            picked = torch.index_select(buffer, 0, positions[pick]).view(len(sizes), -1)
+            self.sample_rows[b].index_copy_(0, self.index, picked)
         return changed
 
-    def finish(self, rows, start, end):
-        "Put the grid's sums of the staged batches [start, end) into their record rows."
-        sums = self.sums[start:end].transpose(1, 2)  # (batches, grid rows, 2)
-        if self.all_layers: rows[..., 0:2].copy_(sums)
-        else: rows[:, self.index, 0:2] = sums
+    def finish(self, sums_columns, start, end):
+        """Put the sums of the staged batches [start, end) into the records' (batches, layers, 2) sum and
+        sum-of-squares columns."""
+        sums = self.sums[start:end].transpose(1, 2)  # (batches, batched layers, 2)
+        if self.all_layers: sums_columns.copy_(sums)
+        else: sums_columns[:, self.index] = sums
 
 
 def warn_changed_in_place(name, batch):

@@ -4,10 +4,12 @@ The hot path is the forward hook, and it is short: for a hooked output `x` of n 
 kernels, whatever n is: `dot(x, 1)` and `dot(x, x)`, kept for this batch's row of the records, and an
 `index_select` of a fixed-size random sample of `x` into the layer's slot of this batch's sample buffer.
 Nothing else happens per batch. On CUDA the layers are instead read together after the forward pass, five
-kernels for all of them (see activation_batch.py): there a small CNN is bound by kernel launches. Every `depth` batches (up to 16; and whenever the records are read, and when
-fit ends) the staged batches are finished together: one comparison and one sum count the near-zero values of
-every sample, one `nan_to_num`, `clamp_`, `add` and `bincount` (`histc` on CUDA, where bincount would sync)
-bin them all, each (batch, layer) in its own block of bins, and one copy appends the rows to a `TensorLog`.
+kernels for all of them (see activation_batch.py): there a small CNN is bound by kernel launches.
+
+Every `depth` batches (up to 16; and whenever the records are read, and when fit ends) the staged batches are
+finished together: one comparison and one sum count the near-zero values of every sample, one `nan_to_num`,
+`clamp_`, `add` and `bincount` (`histc` on CUDA, where bincount would sync) bin them all, each (batch, layer)
+in its own block of bins, and one copy appends the rows to a `TensorLog`.
 Inside a training step each tensor op costs several microseconds of fixed overhead on the CPU (a kernel launch
 on a GPU), so running these ops once per `depth` batches rather than once per batch is most of what makes the
 histograms cheap. Nothing is read back to the host until a plot, a DataFrame or the health report asks, and
@@ -106,7 +108,8 @@ class ActivationStats(HookCallback):
     def _reset(self):
         self._log, self.iters, self._cache, self._layers = TensorLog(), [], None, []
         self._samples, self._k, self._b, self._done, self._depth = None, 0, 0, 0, 0
-        self._batch, self._plan, self._changed, self._probe, self._pending, self._deferred = None, None, [], False, [], []
+        self._batch, self._plan, self._changed, self._probe = None, None, [], False
+        self._pending, self._deferred = [], []
 
     def before_fit(self):
         super().before_fit()
@@ -265,7 +268,8 @@ class ActivationStats(HookCallback):
         self._near_flags = torch.empty_like(self._samples)
         if self.with_hist:
             lo, hi = self.hist_range
-            # Batch b, layer i has the bins [(b*layers + i)*(bins+2), ...): an underflow bin, `bins` bins, an overflow bin.
+            # Batch b, layer i has the bins [(b*layers + i)*(bins+2), ...): an underflow bin, `bins` bins, an
+            # overflow bin.
             block = torch.arange(depth * n_layers, dtype=torch.float64, device=dev).view(depth, n_layers, 1)
             self._hist_offsets = block * (self.bins + 2) + 1 - lo * self.bins / (hi - lo)
             self._hist_vals = torch.empty(depth, n_layers, k, device=dev)
@@ -286,7 +290,7 @@ class ActivationStats(HookCallback):
         m, n_layers = end - start, len(self._layers)
         rows, samples = self._stage[start:end], self._samples[start:end]
         rows[..., _SUM:_NEAR].copy_(torch.stack(self._sums[2 * start * n_layers:2 * end * n_layers]).view(m, -1, 2))
-        if self._batch is not None: self._batch.finish(rows, start, end)  # the batched layers' sums
+        if self._batch is not None: self._batch.finish(rows[..., _SUM:_NEAR], start, end)  # the batched layers' sums
         # NaN (unused slot positions) compares False: only sampled values are counted.
         torch.sum(torch.le(samples, NEAR_ZERO, out=self._near_flags[:m]), 2, out=rows[..., _NEAR])
         if self.with_hist: rows[..., _HIST:].copy_(self._histograms(samples))
