@@ -12,8 +12,10 @@
 #   pip download --no-deps -d .whl fastcore fastprogress python-fasthtml starlette itsdangerous python-multipart
 #   cp /usr/share/datasets/fashion-mnist/* .fmnist/
 #   printf '/.whl/\n/.fmnist/\n' >> .git/info/exclude
-# Then one device call per part (all three fit in about 20 minutes of device time on an H100):
-#   run(command="bash bench/gpu_session.sh tests speed", carry=[".whl", ".fmnist"], timeout_s=600)
+# Then one device call per part (a call may run 10 minutes; bench/gpu.py now times 9 configurations and counts
+# their ops, so `speed` gets a call of its own):
+#   run(command="bash bench/gpu_session.sh tests", carry=[".whl", ".fmnist"], timeout_s=600)
+#   run(command="bash bench/gpu_session.sh speed", carry=[".whl", ".fmnist"], timeout_s=600)
 #   run(command="bash bench/gpu_session.sh models", carry=[".whl", ".fmnist"], timeout_s=600)
 # Each part writes its output to $OUT/<part>.txt (the files come back) and prints a short tail.
 set -euo pipefail
