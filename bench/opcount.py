@@ -21,12 +21,17 @@ from learnkit.models import simple_cnn
 BS = 64
 
 
-def fit_ops(data, n_batches, make_cbs):
+def learner(data, n_batches, cbs=()):
+    "The chapter's model on `n_batches` training batches (and one validation batch), seeded."
     n = n_batches * BS
     dls = DataLoaders.from_tensors(data.x_train[:n], data.y_train[:n], data.x_valid[:BS], data.y_valid[:BS], bs=BS,
                                    batch_tfms=[Normalize()], device='cpu', seed=0)
     torch.manual_seed(0)
-    learn = Learner(dls, simple_cnn(bn=True), loss_func=F.cross_entropy, cbs=make_cbs(), device='cpu')
+    return Learner(dls, simple_cnn(bn=True), loss_func=F.cross_entropy, cbs=list(cbs), device='cpu')
+
+
+def fit_ops(data, n_batches, make_cbs):
+    learn = learner(data, n_batches, make_cbs())
     with OpCounter() as counter, learn.no_logging(): learn.fit(1, 0.01)
     return counter.n
 
@@ -37,14 +42,10 @@ def per_batch(data, make_cbs):
 
 def hand_loop_ops(data, n_batches):
     "The loop a user writes by hand on the same loader, model and optimizer."
-    n = n_batches * BS
-    dls = DataLoaders.from_tensors(data.x_train[:n], data.y_train[:n], data.x_valid[:BS], data.y_valid[:BS], bs=BS,
-                                   batch_tfms=[Normalize()], device='cpu', seed=0)
-    torch.manual_seed(0)
-    learn = Learner(dls, simple_cnn(bn=True), loss_func=F.cross_entropy, device='cpu')
+    learn = learner(data, n_batches)
     learn.create_opt()
     with OpCounter() as counter:
-        for xb, yb in dls.train:
+        for xb, yb in learn.dls.train:
             F.cross_entropy(learn.model(xb), yb).backward()
             learn.opt.step()
             learn.opt.zero_grad()

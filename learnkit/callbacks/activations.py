@@ -166,13 +166,9 @@ class ActivationStats(HookCallback):
         self._pending = [None] * len(self._pending)  # hold no activation beyond the forward pass
 
     def _record(self, i, x):
-        if x.dtype != torch.float32: x = x.float()
-        flat = x.view(-1) if x.is_contiguous() else _flat(x)
-        layer = self._layers[i]
-        if layer is None or layer[0] != flat.numel():
-            if flat.numel() == 0: return
-            layer = self._new_size(i, flat.numel())
-        _, ones, pool, slots = layer
+        flat = self._flat_of(i, x if x.dtype == torch.float32 else x.float())
+        if flat is None: return
+        _, ones, pool, slots = self._layers[i]
         slot, cell = slots[self._b], 2 * (self._b * len(self._layers) + i)
         # BLAS dots (faster than torch.sum on the CPU), kept as they come; `_finish` stacks them all in one op
         # (an `out=` here would add a copy per dot).
@@ -185,7 +181,7 @@ class ActivationStats(HookCallback):
 
     def _flat_of(self, i, x):
         "Layer i's output as a 1-D view in memory order, with its size bookkeeping updated; None when empty."
-        flat = x.view(-1) if x.is_contiguous() else _flat(x)
+        flat = _flat(x)
         if flat.numel() == 0: return None
         layer = self._layers[i]
         if layer is None or layer[0] != flat.numel(): self._new_size(i, flat.numel())
