@@ -6,7 +6,7 @@ divided back right after it, and a step whose gradients overflowed is skipped wh
 Who decides to skip, and so whether the host waits for the GPU, depends on the optimizer:
 
 - Most optimizers (learnkit's default Adam, i.e. torch's foreach AdamW): `GradScaler.step` reads its
-  inf/NaN check on the host (`found_inf.item()` in `GradScaler._maybe_opt_step`, torch 2.11 to 2.14): one
+  inf/NaN check on the host (`GradScaler._maybe_opt_step` reads `found_inf` back, torch 2.11 to 2.14): one
   host read per training step, made by torch itself. `MixedPrecision` reuses that answer to raise
   `CancelStepException` (so `after_cancel_step` runs) and to count the step; it adds no read of its own.
 - Optimizers that take the scaler's tensors in their kernel (torch's `fused=True` Adam, AdamW and SGD:

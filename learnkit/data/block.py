@@ -121,7 +121,7 @@ class RandomSplitter:
 
     def __call__(self, items):
         g = None if self.seed is None else torch.Generator().manual_seed(self.seed)
-        idx = torch.randperm(len(items), generator=g).tolist()
+        idx = torch.randperm(len(items), generator=g).tolist()  # sync-ok: a CPU permutation, once per split
         cut = int(self.valid_pct * len(items))
         return idx[cut:], idx[:cut]
 

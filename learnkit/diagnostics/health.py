@@ -226,7 +226,7 @@ def _runs(mask):
     "(start, end) index pairs (inclusive) of the runs of True in a 1-D bool tensor."
     if not len(mask): return []
     m = torch.cat([torch.tensor([False]), mask, torch.tensor([False])]).int()
-    edges = (m[1:] - m[:-1]).nonzero().flatten().tolist()
+    edges = (m[1:] - m[:-1]).nonzero().flatten().tolist()  # sync-ok: CPU records, read on request
     return [(s, e - 1) for s, e in zip(edges[::2], edges[1::2])]
 
 
@@ -254,33 +254,34 @@ def check_nonfinite(data, th):
         a = data.act
         finite = torch.isfinite(a['mean']) & torch.isfinite(a['std'])
         ran = ~torch.isnan(a['near_zero'])  # NaN near_zero marks a layer that did not run in that batch
-        bad = (~finite & ran).nonzero().tolist()
+        bad = (~finite & ran).nonzero().tolist()  # sync-ok: CPU records, read on request
         if bad:
             row, layer = bad[0]
-            it = a['iters'].tolist()
-            out.append(Finding('error', 'nonfinite', f"activations became non-finite (mean {a['mean'][row, layer].item()}) "
+            it = a['iters'].tolist()  # sync-ok: CPU records, read on request
+            value = a['mean'][row, layer].item()  # sync-ok: CPU records, read on request
+            out.append(Finding('error', 'nonfinite', f"activations became non-finite (mean {value}) "
                                f"at batch {it[row]}, first in this layer", advice, layer=a['layer_names'][layer],
-                               batches=(it[row], it[bad[-1][0]]), value=a['mean'][row, layer].item()))
+                               batches=(it[row], it[bad[-1][0]]), value=value))
     if data.grad is not None:
         g = data.grad
-        bad = (~torch.isfinite(g['grad_norm'])).nonzero().tolist()
+        bad = (~torch.isfinite(g['grad_norm'])).nonzero().tolist()  # sync-ok: CPU records, read on request
         if bad:
             row, layer = bad[0]
-            it = g['iters'].tolist()
+            it = g['iters'].tolist()  # sync-ok: CPU records, read on request
+            value = g['grad_norm'][row, layer].item()  # sync-ok: CPU records, read on request
             out.append(Finding('error', 'nonfinite', f"gradients became non-finite at batch {it[row]}", advice,
-                               layer=g['layer_names'][layer], batches=(it[row], it[bad[-1][0]]),
-                               value=g['grad_norm'][row, layer].item()))
+                               layer=g['layer_names'][layer], batches=(it[row], it[bad[-1][0]]), value=value))
     return out
 
 
 def check_collapse(data, th):
     "Layers whose activations are almost all <= 0.05: collapsed to the end (error) or for a stretch (warning)."
     a, out = data.act, []
-    it = a['iters'].tolist()
+    it = a['iters'].tolist()  # sync-ok: CPU records, read on request
     for layer in _judged_layers(a['layer_names'], th):
         nz = a['near_zero'][:, layer]
         ok = ~torch.isnan(nz)
-        nz, its = nz[ok], [i for i, keep in zip(it, ok.tolist()) if keep]
+        nz, its = nz[ok], [i for i, keep in zip(it, ok.tolist()) if keep]  # sync-ok: CPU records, read on request
         if not len(nz): continue
         tail = _tail(len(nz), th.end_window)
         runs = [(s, e) for s, e in _runs(nz >= th.collapse_near_zero) if e - s + 1 >= th.collapse_min_batches]
