@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..records import TensorLog
-from .hooks import Hooks, default_modules, module_names
+from .hooks import Hooks, default_modules, module_names, without_grad
 from ..callback import Callback
 
 __all__ = ['GradientStats', 'RELU_TYPES']
@@ -65,7 +65,7 @@ class GradientStats(Callback):
         self.relu_names = module_names(model, relus)
         self._relu_max = [None] * len(relus)
         self._relu_index = {id(m): j for j, m in enumerate(relus)}
-        # Not detached per call (two more ops per ReLU per batch): the hook runs under no_grad instead.
+        # Not detached per call (two more ops per ReLU per batch): the hook runs with grad mode off instead.
         self._relu_hooks = Hooks(relus, self._relu_hook, detach=False) if relus else None
         self._log, self._dead_log, self.iters, self.dead_iters, self._in_window = TensorLog(), TensorLog(), [], [], 0
 
@@ -74,9 +74,10 @@ class GradientStats(Callback):
         self._active = self.learn.training and (self.every is None or self._iter % self.every == 0)
         self._snapped = False
 
-    @torch.no_grad()
     def _relu_hook(self, module, inp, out):
-        if not self._active or out.ndim < 2: return
+        if self._active and out.ndim >= 2: without_grad(self._relu_max_update, module, out)
+
+    def _relu_max_update(self, module, out):
         j = self._relu_index[id(module)]
         ch_max = out.amax(dim=[d for d in range(out.ndim) if d != 1])
         acc = self._relu_max[j]

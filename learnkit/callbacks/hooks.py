@@ -5,12 +5,22 @@
 however fit ends (a normal end, a cancel, an exception, KeyboardInterrupt), so a model never keeps a stale
 hook and a second fit never doubles them.
 """
+import torch
 from torch import nn
 
 from ..callback import Callback
 
 __all__ = ['Hook', 'Hooks', 'hook_output', 'hook_outputs', 'HookCallback', 'default_modules', 'module_names',
-           'layer_index']
+           'layer_index', 'without_grad']
+
+
+def without_grad(fn, *args):
+    """`fn(*args)` with grad mode off, as under `torch.no_grad()`. For hooks, which run once per layer per batch:
+    the `with` statement's context object costs about 3 us per call on the CPU, switching the mode costs 0.4 us."""
+    grad = torch.is_grad_enabled()
+    torch.set_grad_enabled(False)
+    try: return fn(*args)
+    finally: torch.set_grad_enabled(grad)
 
 
 def _detach(x):
