@@ -323,8 +323,11 @@ class ActivationStats(HookCallback):
         # overflow bin; the samples keep their NaN.
         vals = torch.nan_to_num(samples, lo - width, out=self._hist_vals[:m])
         vals.clamp_(lo - width / 2, hi + width / 2)
-        # Each value moved to its block in float64, so that no value can cross a bin edge on the way.
-        pos = torch.add(self._hist_offsets[:m], vals, alpha=1 / width, out=self._hist_pos[:m])
+        # Each value moved to its block in float64, so that no value can cross a bin edge on the way. Converted
+        # first: adding float32 to float64 takes a slower mixed-type loop (on the CPU 260 against 190 us for
+        # 16 batches of 10 layers), for the same result.
+        pos = self._hist_pos[:m].copy_(vals)
+        torch.add(self._hist_offsets[:m], pos, alpha=1 / width, out=pos)
         n_layers = len(self._layers)
         blocks = m * n_layers * (self.bins + 2)
         if pos.is_cuda: counts = torch.histc(pos, blocks, 0, blocks)  # bincount would read its size back: a sync
