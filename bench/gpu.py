@@ -12,9 +12,8 @@ validation on 10,000 with loss and accuracy), for each configuration:
          summed on the device and read once at the end. No host read inside the epoch.
   b      learnkit: Learner with the default callbacks (the progress display is whatever this terminal gets:
          plain epoch lines when stdout is not a tty), DataLoaders.from_tensors (device-resident uint8 cache)
-  c      b + ActivationStats(with_hist=True) (its outputs are read after the forward pass: on CUDA together,
-         on the CPU one layer after another)
-  c_layer, c_batch   c with batched=False (every output read in its hook) and batched=True (all together)
+  c      b + ActivationStats(with_hist=True) (on CUDA its outputs are read together after the forward pass)
+  c_layer, c_batch   c with batched=False (every output read in its hook, the CPU's default) and batched=True
   d      b + to_bf16() + channels_last=True
   e      b + learn.compile()
   a_fused, b_fused   a and b with torch's fused AdamW (learnkit: Adam(fused=True))

@@ -59,19 +59,17 @@ def main():
     hand = (hand_loop_ops(data, 64) - hand_loop_ops(data, 32)) / 32
     rows = [('hand-written loop (forward, loss, backward, step, zero_grad)', hand, None),
             ('learnkit fit, default callbacks', loop, loop - hand)]
-    for label, make in (('+ ActivationStats(with_hist=True, batched=False)  [in the hooks]',
+    for label, make in (('+ ActivationStats(with_hist=True, batched=False)  [CPU default]',
                          lambda: [ActivationStats(with_hist=True, batched=False)]),
-                        ('+ ActivationStats(with_hist=True)   [CPU default: a loop after the forward]',
-                         lambda: [ActivationStats(with_hist=True)]),
                         ('+ ActivationStats(with_hist=True, batched=True)   [CUDA default]',
                          lambda: [ActivationStats(with_hist=True, batched=True)]),
                         ('+ GradientStats()', lambda: [GradientStats()])):
         ops = per_batch(data, make)
         rows.append((label, ops, ops - loop))
     print(f"aten ops per training batch, simple_cnn(bn=True), bs {BS}, torch {torch.__version__}")
-    print(f"{'configuration':<78}{'ops/batch':>10}{'added':>8}")
+    print(f"{'configuration':<66}{'ops/batch':>10}{'added':>8}")
     for label, ops, added in rows:
-        print(f"{label:<78}{ops:>10.1f}{'' if added is None else f'{added:+.1f}':>8}")
+        print(f"{label:<66}{ops:>10.1f}{'' if added is None else f'{added:+.1f}':>8}")
 
 
 if __name__ == '__main__':

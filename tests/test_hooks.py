@@ -212,7 +212,7 @@ def test_sample_argument(fmnist):
     assert renamed.sample == 1024
 
 
-@pytest.mark.parametrize('batched', [False, True, None], ids=['in-hook', 'grid', 'loop'])
+@pytest.mark.parametrize('batched', [False, True])
 def test_records_stay_on_device_and_never_read_back_per_batch(monkeypatch, fmnist, batched):
     "Drive ActivationStats and GradientStats through training batches with every host read disabled."
     x, y = normalized_slice(fmnist, 256, 1)[:2]
@@ -241,8 +241,7 @@ def test_records_stay_on_device_and_never_read_back_per_batch(monkeypatch, fmnis
         fire('after_batch')
         learn.train_iter += 1
     monkeypatch.undo()
-    # From the second batch on, read after the forward pass (except with batched=False).
-    assert (cbs[0]._batch is not None) == (batched is not False)
+    assert (cbs[0]._batch is not None) == batched  # from the second batch on, read together after the forward
     for cb in cbs: cb.after_fit()
     assert n_hooks(model) == 0
     assert cbs[0].stats['mean'].shape == (4, 5) and cbs[1].stats['grad_norm'].shape == (4, 5)
@@ -333,12 +332,12 @@ def test_gradient_stats_skip_steps_another_callback_cancelled(fmnist):
     assert torch.isfinite(s['update_ratio']).all() and (s['update_ratio'] > 0).all()
 
 
-@pytest.mark.parametrize('batched', [False, True, None], ids=['in-hook', 'grid', 'loop'])
+@pytest.mark.parametrize('batched', [False, True])
 def test_activation_stats_adds_a_fixed_few_ops_per_layer_whatever_the_activation_size(fmnist, batched):
     """ActivationStats' cost per training batch in aten ops (each a kernel launch on a GPU), the same at bs 32 and
-    at bs 128, whose activations are 4x larger. Per layer, in the hooks or in a loop after the forward pass (the
-    CPU's default): four per hooked layer (a view, two dots, the sample). Batched (CUDA's default): a view per
-    layer and five kernels for all of them. All plus the staged finish, shared by up to 16 batches. Counted as the difference between fits of 64 and 32 batches, so
+    at bs 128, whose activations are 4x larger. Per layer (the CPU's default): four per hooked layer (a view, two
+    dots, the sample). Batched (CUDA's default): a view per layer and five kernels for all of them. Both plus the
+    staged finish, shared by up to 16 batches. Counted as the difference between fits of 64 and 32 batches, so
     that the one-off set-up (buffers, sample positions, the first batch read per layer) drops out."""
     def ops(bs, n_batches, cbs):
         learn = make_learner(fmnist, cbs, n_train=n_batches * bs, bs=bs)
@@ -374,34 +373,29 @@ def assert_same_records(a, b, layers=slice(None)):
         if k in a: assert torch.equal(a[k][:, layers], b[k][:, layers]), k
 
 
-AFTER_FORWARD = pytest.mark.parametrize('after', [True, None], ids=['grid', 'loop'])
-
-
-@AFTER_FORWARD
-def test_reads_after_the_forward_pass_record_what_reads_in_the_hooks_record(fmnist, after):
-    """Reading the layers after the forward pass, together (CUDA's default, forced here) or one after another
-    (the CPU's default), gives the records of reading each in its hook: the same samples, so the same near_zero
-    and histograms, and the same sums up to rounding; also for the smaller last batch (1000 = 15 x 64 + 40)."""
+def test_batched_reads_record_what_per_layer_reads_record(fmnist):
+    """Reading every layer together after the forward pass (CUDA's default, forced here) gives the per-layer
+    records: the same samples, so the same near_zero and histograms, and the same sums up to rounding; also
+    for the smaller last batch (1000 = 15 x 64 + 40)."""
     model_fn = lambda: simple_cnn(bn=True)
-    in_hook, deferred = _stats_of(fmnist, model_fn, batched=False), _stats_of(fmnist, model_fn, batched=after)
-    assert in_hook['mean'].shape == (16, 10)
-    assert_same_records(in_hook, deferred)
+    per_layer, batched = _stats_of(fmnist, model_fn, batched=False), _stats_of(fmnist, model_fn, batched=True)
+    assert per_layer['mean'].shape == (16, 10)
+    assert_same_records(per_layer, batched)
 
 
-@AFTER_FORWARD
 @pytest.mark.parametrize('kw', [{'every': 3}, {'sample': None}, {'with_hist': False}],
                          ids=['every=3', 'sample=None', 'no-hist'])
-def test_reads_after_the_forward_pass_with_other_options(fmnist, kw, after):
-    "every=3 records every third batch either way; sample=None falls back to reads in the hooks; no-hist works."
+def test_batched_reads_with_other_options(fmnist, kw):
+    "every=3 records every third batch either way; sample=None falls back to per-layer reads; no-hist works."
     model_fn = lambda: simple_cnn(bn=True)
-    in_hook = _stats_of(fmnist, model_fn, n_train=600, batched=False, **kw)
-    deferred = _stats_of(fmnist, model_fn, n_train=600, batched=after, **kw)
-    assert torch.equal(in_hook['iters'], deferred['iters'])
-    assert_same_records(in_hook, deferred)
+    per_layer = _stats_of(fmnist, model_fn, n_train=600, batched=False, **kw)
+    batched = _stats_of(fmnist, model_fn, n_train=600, batched=True, **kw)
+    assert torch.equal(per_layer['iters'], batched['iters'])
+    assert_same_records(per_layer, batched)
 
 
 class SometimesInPlace(nn.Module):
-    "ReLU, in place from training batch `start` on (the reads after the forward must notice and give up on that layer)."
+    "ReLU, in place from training batch `start` on (the batched reads must notice and give up on that layer)."
     def __init__(self, start=None): super().__init__(); self.start, self.calls = start, 0
     def forward(self, x):
         self.calls += self.training
@@ -409,33 +403,30 @@ class SometimesInPlace(nn.Module):
         return x.relu_() if in_place else x.relu()
 
 
-@AFTER_FORWARD
-def test_reads_after_the_forward_pass_see_outputs_before_any_in_place_change(fmnist, after):
+def test_batched_reads_see_outputs_before_any_in_place_change(fmnist):
     """A conv whose output a later op changes in place (ReLU(inplace=True), as in torchvision's ResNets) is read in
     its hook, before the change: the first batch shows which outputs are changed, and those layers are never
-    deferred. One found changed only later (batch 5 here) is reported, recorded as missing for that batch, and
-    read in its hook from then on; the other layers stay deferred and unaffected."""
+    batched. One found changed only later (batch 5 here) is reported, recorded as missing for that batch, and read
+    in its hook from then on; the other layers stay batched and unaffected."""
     def model_fn(relu):
         return lambda: nn.Sequential(nn.Conv2d(1, 8, 3, 2, 1), relu(), nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU(),
                                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
     always = model_fn(lambda: nn.ReLU(inplace=True))
-    assert_same_records(_stats_of(fmnist, always, batched=False), _stats_of(fmnist, always, batched=after))
+    assert_same_records(_stats_of(fmnist, always, batched=False), _stats_of(fmnist, always, batched=True))
     later = model_fn(lambda: SometimesInPlace(start=5))
-    in_hook = _stats_of(fmnist, later, batched=False)
+    per_layer = _stats_of(fmnist, later, batched=False)
     with pytest.warns(RuntimeWarning, match=r"output of 0 Conv2d was changed in place .* in training batch 5"):
-        deferred = _stats_of(fmnist, later, batched=after)
-    assert deferred['mean'][5, 0].isnan() and deferred['near_zero'][5, 0].isnan()
-    assert not deferred['mean'][5, 1:].isnan().any()
-    keep = torch.arange(len(in_hook['mean'])) != 5
-    assert_same_records({k: v[keep] for k, v in in_hook.items() if k in ('mean', 'std', 'near_zero', 'hist')},
-                        {k: v[keep] for k, v in deferred.items() if k in ('mean', 'std', 'near_zero', 'hist')})
+        batched = _stats_of(fmnist, later, batched=True)
+    assert batched['mean'][5, 0].isnan() and batched['near_zero'][5, 0].isnan()
+    assert not batched['mean'][5, 1:].isnan().any()
+    keep = torch.arange(len(per_layer['mean'])) != 5
+    assert_same_records({k: v[keep] for k, v in per_layer.items() if k in ('mean', 'std', 'near_zero', 'hist')},
+                        {k: v[keep] for k, v in batched.items() if k in ('mean', 'std', 'near_zero', 'hist')})
 
 
-@AFTER_FORWARD
-def test_reads_after_the_forward_pass_on_a_resnet_with_in_place_relus_and_sums(fmnist, after):
+def test_batched_reads_on_a_resnet_with_in_place_relus_and_sums(fmnist):
     """torchvision's ResNet changes BN outputs in place (ReLU(inplace=True), `out += identity`): those layers
-    are read in their hooks, the rest after the forward pass, and the records are the same as reading all in
-    the hooks."""
+    are read in their hooks, the rest together, and the records are the same as per layer."""
     import torchvision
 
     def model_fn():
@@ -445,19 +436,18 @@ def test_reads_after_the_forward_pass_on_a_resnet_with_in_place_relus_and_sums(f
 
     with warnings.catch_warnings():
         warnings.simplefilter('error')  # all in-place changes are found on the first batch: no warning
-        in_hook = _stats_of(fmnist, model_fn, n_train=160, batched=False)
-        deferred = _stats_of(fmnist, model_fn, n_train=160, batched=after)
-    assert in_hook['mean'].shape == (3, 41)
-    assert_same_records(in_hook, deferred)
+        per_layer = _stats_of(fmnist, model_fn, n_train=160, batched=False)
+        batched = _stats_of(fmnist, model_fn, n_train=160, batched=True)
+    assert per_layer['mean'].shape == (3, 41)
+    assert_same_records(per_layer, batched)
 
 
-@AFTER_FORWARD
-def test_reads_after_the_forward_pass_keep_no_activation_after_it(fmnist, after):
-    "Reads after the forward pass hold each output from its hook to the end of the forward pass only: nothing survives fit."
+def test_batched_reads_keep_no_activation_after_the_forward_pass(fmnist):
+    "Batched reads hold each output from its hook to the end of the forward pass only: nothing survives fit."
     outputs = []
     model = simple_cnn()
     model[-2].register_forward_hook(lambda m, i, o: outputs.append(weakref.ref(o)))
-    make_learner(fmnist, [ActivationStats(with_hist=True, batched=after)], model=model, n_train=256).fit(1, 0.01)
+    make_learner(fmnist, [ActivationStats(with_hist=True, batched=True)], model=model, n_train=256).fit(1, 0.01)
     gc.collect()
     assert len(outputs) == 4 + 1 and all(ref() is None for ref in outputs)  # 4 training batches, 1 validation
 

@@ -1,22 +1,19 @@
-"""ActivationStats' reads after the forward pass: the hooks only keep the outputs, which are read at `after_pred`.
+"""ActivationStats' batched reads: every hooked layer's output read together after the forward pass.
 
 On a GPU, a small CNN's training step is bound by kernel launches, not arithmetic, so what a statistic costs
-is the number of ops it launches. Read one layer at a time, ActivationStats launches four per layer (a view,
-two dots, the sample). `BatchedReads` reads the layers together, at a view each and five kernels in all: one
-`cat` of every output into a grid of rows of 1024 values (each output padded with zeros to whole rows), an
-`mv` of the grid with ones and a `bmm` of each row with itself (row sums of x and x^2: padding adds nothing),
-an `mm` that adds up each layer's rows, and one `index_select` of every layer's sample, with the same
-positions the per-layer ops would use.
+is the number of ops it launches. Read one layer at a time, in its hook, ActivationStats launches four per
+layer (a view, two dots, the sample). Read together at `after_pred`, the layers cost a view each and five
+kernels in all: one `cat` of every output into a grid of rows of 1024 values (each output padded with zeros to
+whole rows), an `mv` of the grid with ones and a `bmm` of each row with itself (row sums of x and x^2: padding
+adds nothing), an `mm` that adds up each layer's rows, and one `index_select` of every layer's sample, with the
+same positions the per-layer path would use.
 
-On the CPU the copy into the grid costs more than the ops it saves, and `LoopReads` runs the per-layer ops,
-one layer after another. That is cheaper than running them in the hooks, between the model's layers: there
-each op met caches the layer before had filled with its own data.
-
-An output changed in place after its hook (ReLU(inplace=True), `out += identity` in a ResNet block) no longer
-holds what the layer produced by the end of the forward pass. So the first recorded batch is read in the hooks,
-and the tensors' version counters say which outputs were changed later in the forward pass; only the others
-are deferred, and a deferred output found changed in a later batch is reported, recorded as missing for that
-batch, and read in its hook from then on.
+Two things make the per-layer path the right one elsewhere. On the CPU the hook reads each output while it is
+still in cache, and the padded grid would be read from memory: the batched reads are slower there. And an
+output changed in place after its hook (ReLU(inplace=True), `out += identity` in a ResNet block) no longer holds
+what the layer produced. So the first recorded batch is read per layer, and the tensors' version counters say
+which outputs were changed later in the forward pass; only the others are batched, and a batched output found
+changed in a later batch is reported, recorded as missing for that batch, and read per layer from then on.
 """
 import warnings
 
@@ -117,28 +114,6 @@ class BatchedReads:
         sums = self.sums[start:end].transpose(1, 2)  # (batches, batched layers, 2)
         if self.all_layers: sums_columns.copy_(sums)
         else: sums_columns[:, self.index] = sums
-
-
-class LoopReads:
-    """The layers read one after another after the forward pass, with the per-layer ops (a view, two dots, the
-    sample): the CPU's way. The same ops as in the hooks, but run together rather than between the model's
-    layers, where each met caches that the layer before had filled with its own data. In fits of the chapter's
-    simple_cnn + BN (bs 64, 2 CPU threads), ActivationStats took a median 612 instead of 708 us per batch."""
-    def __init__(self, stats, layers, sizes):
-        self.stats, self.layers, self.sizes = stats, layers, list(sizes)
-
-    def read(self, b, pending, pick):
-        "Read the pending outputs of these layers; returns those found changed in place (recorded as missing)."
-        changed, record = [], self.stats._record
-        for i in self.layers:
-            out = pending[i]
-            if out is None: continue  # did not run this batch: after_batch marks it missing
-            if out[0]._version != out[1]: changed.append(i)
-            else: record(i, out[0])
-        return changed
-
-    def finish(self, sums_columns, start, end):
-        "Nothing to do: each layer's sums went where the per-layer path puts them."
 
 
 def warn_changed_in_place(name, batch):

@@ -1,11 +1,10 @@
 """ActivationStats: per-batch statistics and histograms of layer outputs, recorded on the device.
 
-The per-batch path is short: for a hooked output `x` of n elements it launches three kernels, whatever n is:
-`dot(x, 1)` and `dot(x, x)`, kept for this batch's row of the records, and an `index_select` of a fixed-size
-random sample of `x` into the layer's slot of this batch's sample buffer. Nothing else happens per batch.
-The hooks only keep the outputs; they are read after the forward pass (see activation_batch.py): on the CPU one
-layer after another, on CUDA all together, five kernels for all of them, as there a small CNN is bound by kernel
-launches. Outputs that a later op changes in place are read in their hooks.
+The hot path is the forward hook, and it is short: for a hooked output `x` of n elements it launches three
+kernels, whatever n is: `dot(x, 1)` and `dot(x, x)`, kept for this batch's row of the records, and an
+`index_select` of a fixed-size random sample of `x` into the layer's slot of this batch's sample buffer.
+Nothing else happens per batch. On CUDA the layers are instead read together after the forward pass, five
+kernels for all of them (see activation_batch.py): there a small CNN is bound by kernel launches.
 
 Every `depth` batches (up to 16; and whenever the records are read, and when fit ends) the staged batches are
 finished together: one comparison and one sum count the near-zero values of every sample, one `nan_to_num`,
@@ -27,7 +26,7 @@ import warnings
 import torch
 
 from ..records import TensorLog
-from .activation_batch import BatchedReads, LoopReads, warn_changed_in_place
+from .activation_batch import BatchedReads, warn_changed_in_place
 from .hooks import HookCallback, layer_index, without_grad
 
 __all__ = ['ActivationStats', 'activation_summary', 'NEAR_ZERO']
@@ -80,22 +79,16 @@ class ActivationStats(HookCallback):
       p = 0.01. In the log1p units `color_dim` shows, a bin whose sample count is m is off by about 1/sqrt(m):
       under 0.1 where the sample has 100 or more values in the bin, and the colours of sparse bins flicker;
       bins below about 1 / sample of the mass may read 0 on a given batch.
-    A smaller sample is cheaper: `sample=1024` took 413 instead of 482 us per batch in a fit of simple_cnn + BN
-    (bs 64, 2 CPU threads), at twice the variances (the pictures' correlation with the full histograms fell from
-    0.99 to 0.97). `sample=None` counts and histograms every element (exact; on the CPU about twice the cost).
+    `sample=None` counts and histograms every element (exact; on the CPU about twice the cost).
 
-    `batched` chooses how outputs are read; the records are the same every way, up to float rounding.
-    - `None` (the default): after the forward pass. On the CPU one layer after another, four ops per layer (a
-      view, two dots, the sample), run together rather than between the model's layers: about 14% cheaper.
-      On CUDA batched, as with `True`, while the copy below is at most 64 MB (beyond that a step is bound by
-      arithmetic, not launches), else one layer after another.
-    - `True`: batched, all layers together after the forward pass: a view per layer and five kernels in all,
-      with a copy of every output into one buffer.
-    - `False`: each output in its hook, as it is produced; four ops per layer.
-    Reading after the forward pass holds each output from its hook to the end of the forward pass. Outputs that
-    a later op changes in place (ReLU(inplace=True), a ResNet's `+=`) are found on the first batch and read in
-    their hooks; one found changed later is warned about, recorded as missing for that batch, and read in its
-    hook from then on. With `sample=None` every output is read in its hook.
+    `batched` chooses how outputs are read. Per layer (`False`, the default on the CPU): in each hook, while the
+    output is in cache; four ops per layer. Batched (`None`, the default, means this on CUDA; `True` forces it):
+    all layers together after the forward pass, a view per layer and five kernels in all, the same records up to
+    float rounding. It holds each output from its hook to the end of the forward pass, and copies them all into
+    one buffer (chosen automatically only while that is at most 64 MB; beyond that a step is bound by
+    arithmetic, not launches). Outputs that a later op changes in place (ReLU(inplace=True), a ResNet's `+=`)
+    are found on the first batch and read per layer; one found changed later is warned about, recorded as
+    missing for that batch, and read per layer from then on. With `sample=None` outputs are read per layer.
     """
     def __init__(self, with_hist=False, modules=None, every=None, bins=40, hist_range=(0, 10), sample=2048,
                  include_paramless=False, batched=None, hist_sample=_UNSET):
@@ -108,8 +101,7 @@ class ActivationStats(HookCallback):
         if sample is not None and (not isinstance(sample, int) or isinstance(sample, bool) or sample < 1):
             raise ValueError(f"sample must be a positive int or None (count every element); got {sample!r}")
         if batched not in (None, True, False):
-            raise ValueError(f"batched must be None (read after the forward pass the device's way), True (all layers "
-                             f"together) or False (each layer in its hook); got {batched!r}")
+            raise ValueError(f"batched must be None (on CUDA), True or False; got {batched!r}")
         self.with_hist, self.bins, self.sample, self.batched = with_hist, bins, sample, batched
         self.hist_range = _check_range(hist_range)
         self._reset()
@@ -135,10 +127,11 @@ class ActivationStats(HookCallback):
         # nothing is copied from the host (a pageable host-to-device copy would sync the GPU).
         self._gen = torch.Generator(device=dev).manual_seed(0)
         self._new_buffers(self.sample or 1)
-        # Reads after the forward pass (see activation_batch): the first recorded batch is read in the hooks and
-        # tells which outputs later ops change in place; the others are then read after the forward pass.
-        self._probe = self.batched is not False and self.sample is not None
-        self._batch, self._plan, self._changed, self._grid = None, None, [], False
+        # Batched reads (see activation_batch): the first recorded batch is read per layer and tells which outputs
+        # later ops change in place; the others are then read together after the forward pass.
+        wanted = self.batched if self.batched is not None else dev.type == 'cuda'
+        self._probe = wanted and self.sample is not None
+        self._batch, self._plan, self._changed = None, None, []
         self._pending, self._deferred = [None] * n, [False] * n
 
     def before_batch(self):
@@ -152,7 +145,7 @@ class ActivationStats(HookCallback):
     def hook(self, module, inp, out):
         i = self._layer_of[id(module)]
         x = out if type(out) is _TENSOR else _first_tensor(out)  # the common case without a call: 2 us per layer
-        if self._deferred[i]:  # read after the forward pass, with the other deferred layers
+        if self._deferred[i]:  # read after the forward pass, with the other batched layers
             self._pending[i] = (x, x._version)
             return
         # Grad mode off rather than detach(): the same effect, one op fewer per layer (on a GPU, where a small
@@ -162,13 +155,13 @@ class ActivationStats(HookCallback):
 
     def after_pred(self):
         if not self._active or not (self._probe or self._batch is not None): return
-        if self._probe:  # the outputs that no later op changed in place can be read after the forward pass
+        if self._probe:  # the outputs no later op changed in place can be read after the forward pass
             ready = [(i, out[0].numel()) for i, (fired, out) in enumerate(zip(self._fired, self._pending))
                      if fired and out[0]._version == out[1]]
             self._plan = ([i for i, _ in ready], [n for _, n in ready])
         else:
-            # Outside autocast (MixedPrecision keeps it on until after_loss): on CUDA it would run the sums in
-            # reduced precision.
+            # Outside autocast (MixedPrecision keeps it on until after_loss): on CUDA it would run mv and bmm, the
+            # sums, in reduced precision.
             with torch.no_grad(), torch.autocast(self.learn.device.type, enabled=False):
                 self._changed = self._batch.read(self._b, self._pending, self._pick)
             for i in self._changed: warn_changed_in_place(self.layer_names[i], self.learn.train_iter)
@@ -210,20 +203,16 @@ class ActivationStats(HookCallback):
         super().after_batch()
 
     def _replan(self):
-        "Start (after the first batch) or narrow (an output found changed in place) the reads after the forward pass."
+        "Start (after the first batch) or narrow (an output found changed in place) the batched reads."
         self.flush()  # the staged batches were recorded with the old plan
-        if self._plan is not None:
-            layers, sizes = self._plan
-            # The grid pays on CUDA, where launches are the cost; elsewhere a loop over the layers is cheaper.
-            self._grid = bool(self.batched) or (self.learn.device.type == 'cuda' and BatchedReads.fits(sizes))
+        if self._plan is not None: layers, sizes = self._plan
         else:
             kept = [(i, n) for i, n in zip(self._batch.layers, self._batch.sizes) if i not in self._changed]
             layers, sizes = [i for i, _ in kept], [n for _, n in kept]
         self._probe, self._plan, self._changed = False, None, []
-        if not layers: self._batch = None
-        elif self._grid: self._batch = BatchedReads(self, layers, sizes, self._samples, self.learn.device, _POOL)
-        else: self._batch = LoopReads(self, layers, sizes)
-        self._deferred = [self._batch is not None and i in layers for i in range(len(self._layers))]
+        use = bool(layers) and (self.batched or BatchedReads.fits(sizes))
+        self._batch = BatchedReads(self, layers, sizes, self._samples, self.learn.device, _POOL) if use else None
+        self._deferred = [use and i in layers for i in range(len(self._layers))]
 
     def _mark_missing(self):
         "A hooked layer did not run this batch: record it as empty (numel 0) rather than repeat stale values."
@@ -303,7 +292,7 @@ class ActivationStats(HookCallback):
         m, n_layers = end - start, len(self._layers)
         rows, samples = self._stage[start:end], self._samples[start:end]
         rows[..., _SUM:_NEAR].copy_(torch.stack(self._sums[2 * start * n_layers:2 * end * n_layers]).view(m, -1, 2))
-        if self._batch is not None: self._batch.finish(rows[..., _SUM:_NEAR], start, end)  # the grid's sums
+        if self._batch is not None: self._batch.finish(rows[..., _SUM:_NEAR], start, end)  # the batched layers' sums
         # NaN (unused slot positions) compares False: only sampled values are counted.
         torch.sum(torch.le(samples, NEAR_ZERO, out=self._near_flags[:m]), 2, out=rows[..., _NEAR])
         if self.with_hist: rows[..., _HIST:].copy_(self._histograms(samples))
