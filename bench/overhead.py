@@ -6,7 +6,7 @@ learnkit loader, so only the training loop differs. Runs alternate (raw, learnki
 ActivationStats, raw, ...) and each round's ratio is taken against that round's raw run; the table
 gives medians.
 
-    python bench/overhead.py [--n-train 20000] [--rounds 5] [--device cpu|cuda]
+    python bench/overhead.py [--n-train 20000] [--rounds 15] [--device cpu|cuda]
 """
 import argparse
 import statistics
@@ -65,7 +65,7 @@ def main():
     p.add_argument('--n-train', type=int, default=20_000)
     p.add_argument('--n-valid', type=int, default=2_000)
     p.add_argument('--bs', type=int, default=64)
-    p.add_argument('--rounds', type=int, default=5)
+    p.add_argument('--rounds', type=int, default=15)  # this VM's speed moves ~10% between rounds
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--lr', type=float, default=0.01)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
@@ -94,12 +94,16 @@ def main():
     n_img = len(dls.train) * args.bs + args.n_valid
     ref = times['raw PyTorch loop']
     print(f"device {device}, {args.threads} threads, {args.n_train} train + {args.n_valid} valid images, "
-          f"bs {args.bs}, {args.rounds} alternating rounds (medians)")
-    print(f"{'configuration':<46}{'epoch s':>9}{'img/s':>9}{'ratio':>8}{'valid acc':>11}")
+          f"bs {args.bs}, {args.rounds} alternating rounds (medians; 'middle half' is the interquartile range of "
+          f"the per-round ratios: how much this machine's speed moved between rounds)")
+    print(f"{'configuration':<46}{'epoch s':>9}{'img/s':>9}{'ratio':>8}{'middle half':>14}{'valid acc':>11}")
     for name, ts in times.items():
-        ratio = statistics.median(r / t for r, t in zip(ref, ts))
+        ratios = [r / t for r, t in zip(ref, ts)]
+        quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
         med = statistics.median(ts)
-        print(f"{name:<46}{med:>9.2f}{n_img / med:>9.0f}{ratio:>8.3f}{accs[name]:>11.3f}")
+        spread = f"{quartiles[0]:.3f}-{quartiles[2]:.3f}"
+        print(f"{name:<46}{med:>9.2f}{n_img / med:>9.0f}{statistics.median(ratios):>8.3f}{spread:>14}"
+              f"{accs[name]:>11.3f}")
 
 
 if __name__ == '__main__':
