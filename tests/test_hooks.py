@@ -17,7 +17,8 @@ from learnkit import Callback, CancelFitException, CancelStepException, Learner
 from learnkit.callbacks.activations import ActivationStats
 from learnkit.callbacks.gradients import GradientStats
 from learnkit.data import DataLoaders
-from learnkit.callbacks.hooks import HookCallback, Hook, Hooks, default_modules, hook_output, hook_outputs
+from learnkit.callbacks.hooks import (HookCallback, Hook, Hooks, default_modules, hook_output, hook_outputs,
+                                     without_grad)
 from learnkit.diagnostics import OpCounter
 from learnkit.models import simple_cnn
 
@@ -71,6 +72,18 @@ def test_hook_outputs_grad_stores_output_gradients(fmnist):
         F.cross_entropy(model(x), y).backward()
         assert [g[0].shape for g in hs.stored] == [(8, 64, 2, 2), (8, 10, 1, 1)]
     with pytest.raises(TypeError, match='nn.Module'): Hook('not a module', print)
+
+
+def test_without_grad_runs_fn_with_grad_mode_off_and_restores_it():
+    w = torch.ones(3, requires_grad=True)
+    out = without_grad(lambda x: (x * 2, torch.is_grad_enabled()), w)
+    assert out[1] is False and not out[0].requires_grad and torch.is_grad_enabled()  # no graph; mode restored
+    def boom(): raise KeyError('inside')
+    with pytest.raises(KeyError): without_grad(boom)
+    assert torch.is_grad_enabled()  # restored when fn raises too
+    with torch.no_grad():
+        without_grad(lambda: None)
+        assert not torch.is_grad_enabled()  # restored to what it was, not switched on
 
 
 def test_default_modules_are_layers_with_parameters():
