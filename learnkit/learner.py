@@ -59,7 +59,7 @@ class Learner:
         self.training, self.epoch, self.n_epoch, self.start_epoch, self.start_batch = False, 0, 1, 0, 0
         self.iter, self.n_iter, self.train_iter, self.pct_train = 0, 0, 0, 0.
         self.dl, self.xb, self.yb, self.pred, self.loss, self.loss_grad = None, (), (), None, None, None
-        self.cbs, self._dispatch = [], DispatchTable()
+        self.cbs, self._dispatch, self._outputs_checked = [], DispatchTable(), False
         self.add_cbs([cb() for cb in default_callbacks] if default_cbs else [])
         self.add_cbs(cbs)
         if default_cbs: self.add_cbs(distributed.torchrun_callbacks(self.cbs))  # DDP when torchrun started us
@@ -211,6 +211,7 @@ class Learner:
 
     def _do_one_batch(self):
         self.pred = self.model(*self.xb)
+        if not self._outputs_checked: self._check_outputs()
         self('after_pred')
         if self.yb:
             try: self.loss_grad = self.loss_func(self.pred, *self.yb)
@@ -222,6 +223,17 @@ class Learner:
         self._with_events(self._do_backward, 'backward')
         self._with_events(self._do_step, 'step')
         self.opt.zero_grad()
+
+    def _check_outputs(self):
+        """Once per run, before the first loss: a classifier that returns fewer scores than the data has classes.
+        Read from shapes only (no sync). On CUDA the loss would fail on such targets with a device-side assert
+        that names nothing and leaves the GPU unusable until the process restarts."""
+        self._outputs_checked = True
+        vocab, pred = getattr(self.dls, 'vocab', None), self.pred
+        if vocab is None or not _is_cross_entropy(self.loss_func): return
+        if isinstance(pred, torch.Tensor) and pred.ndim == 2 and pred.shape[1] < len(vocab):
+            raise ValueError(f"The model returns {pred.shape[1]} scores per item, but the data has {len(vocab)} "
+                             f"classes: build the model with n_out={len(vocab)} (dls.c).")
 
     def _do_backward(self): self.loss_grad.backward()
     def _do_step(self): self.opt.step()
@@ -242,6 +254,7 @@ class Learner:
         self.add_cbs(cbs)
         try:
             self._prepare()
+            self._outputs_checked = False
             yield
         except BaseException as e:
             _name_origin(e, self._where())
@@ -390,9 +403,12 @@ def _default_loss(dls):
                      "Learner(dls, model, loss_func=nn.CrossEntropyLoss()) for classification.")
 
 
+def _is_cross_entropy(loss_func):
+    return isinstance(loss_func, nn.CrossEntropyLoss) or getattr(loss_func, '__name__', '') == 'cross_entropy'
+
+
 def _loss_activation(loss_func):
-    if isinstance(loss_func, nn.CrossEntropyLoss) or getattr(loss_func, '__name__', '') == 'cross_entropy':
-        return lambda p: torch.softmax(p, dim=-1)
+    if _is_cross_entropy(loss_func): return lambda p: torch.softmax(p, dim=-1)
     if isinstance(loss_func, nn.BCEWithLogitsLoss): return torch.sigmoid
     return lambda p: p
 

@@ -200,6 +200,21 @@ def test_clear_errors_for_bad_setups(fmnist):
         Learner(torch_dls(fmnist, 128, 64), tiny_cnn())
 
 
+def test_a_classifier_with_fewer_outputs_than_classes_is_refused_before_its_first_loss(fmnist):
+    """With the classes known (learnkit loaders carry a vocab), a model that returns fewer scores than there are
+    classes is named from the shapes alone, before any loss: on CUDA the loss would die in a device-side assert.
+    The learner stays usable: given the right model, it trains."""
+    dls = DataLoaders.from_tensors(fmnist.x_train[:128], fmnist.y_train[:128], fmnist.x_valid[:64],
+                                   fmnist.y_valid[:64], bs=64, vocab=fmnist.classes, device='cpu')
+    learn = Learner(dls, nn.Sequential(tiny_cnn(), nn.Linear(10, 5)), loss_func=nn.CrossEntropyLoss())
+    with learn.no_bar(), pytest.raises(ValueError, match=r'returns 5 scores per item, but the data has 10 classes'
+                                                          r'.*n_out=10'):
+        learn.fit(1, 1e-2)
+    learn.model = tiny_cnn()
+    with learn.no_bar(): learn.fit(1, 1e-2)
+    assert len(learn.recorder.losses) == 2
+
+
 def test_targets_out_of_range_and_float_targets_get_clear_errors(fmnist):
     learn = small_learner(fmnist)
     learn.model = nn.Sequential(tiny_cnn(), nn.Linear(10, 5))        # 5 outputs for 10 classes
