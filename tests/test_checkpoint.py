@@ -165,7 +165,8 @@ def test_resume_mid_epoch_equals_an_uninterrupted_fit(fmnist, tmp_path, kind):
 
 def test_resume_continues_the_diagnostics_records(fmnist, tmp_path):
     """ActivationStats and GradientStats records are in the checkpoints, so a resumed fit ends with the records of
-    an uninterrupted one: the same rows, the sampled near_zero and histograms included."""
+    an uninterrupted one: the same rows, the sampled near_zero and histograms and the open dead-unit window
+    included."""
     from learnkit.callbacks.activations import ActivationStats
     from learnkit.callbacks.gradients import GradientStats
     def diagnostics(): return [ActivationStats(with_hist=True, sample=256), GradientStats(dead_window=2)]
@@ -183,6 +184,8 @@ def test_resume_continues_the_diagnostics_records(fmnist, tmp_path):
     for k in ('mean', 'std', 'near_zero', 'hist'): assert torch.equal(a.stats[k], b.stats[k]), k
     g, h = g.stats, h.stats
     assert torch.equal(g['grad_norm'], h['grad_norm']) and torch.equal(g['update_ratio'], h['update_ratio'])
+    # The dead-unit window open at the crash was in the checkpoint: the windows close at the same steps.
+    assert torch.equal(g['dead_iters'], h['dead_iters']) and torch.equal(g['dead'], h['dead'])
     # Records of other layers are refused with what to do.
     other = make_learner(fmnist, tmp_path / 'run', 'learnkit')
     with pytest.warns(UserWarning, match='without the callbacks'), pytest.raises(ValueError, match='same model and modules'):

@@ -128,11 +128,13 @@ class GradientStats(Callback):
         self._in_window = 0
 
     def state_dict(self):
-        """The records so far (one host transfer, at checkpoint time). The dead-unit window open at that moment is
-        not kept: a resumed fit starts a new window."""
+        """The records so far (one host transfer, at checkpoint time), and the dead-unit window open at that moment
+        (each ReLU's per-channel maxima and the steps it has seen), so that a resumed fit closes it where an
+        uninterrupted one would."""
         return {'records': self._log.state_dict()['values'], 'dead': self._dead_log.state_dict()['values'],
                 'iters': list(self.iters), 'dead_iters': list(self.dead_iters),
-                'layer_names': list(self.layer_names), 'relu_names': list(self.relu_names)}
+                'layer_names': list(self.layer_names), 'relu_names': list(self.relu_names),
+                'window': list(self._relu_max), 'in_window': self._in_window}
 
     def load_state_dict(self, state):
         names = list(state['layer_names'])
@@ -144,6 +146,11 @@ class GradientStats(Callback):
         self._dead_log.load_state_dict({'values': state['dead']}, device)
         self.iters, self.dead_iters = list(state['iters']), list(state['dead_iters'])
         self.layer_names, self.relu_names = names, list(state['relu_names'])
+        # Checkpoints written before the window was kept have none: the resumed fit starts a new window.
+        window = state.get('window')
+        if window is not None and len(window) == len(self.relu_names):
+            self._relu_max = [None if m is None else m.to(device) for m in window]
+            self._in_window = int(state['in_window'])
 
     def _zero(self, p):
         if p.device not in self._zeros: self._zeros[p.device] = torch.zeros((), device=p.device)
