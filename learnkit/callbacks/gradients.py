@@ -150,7 +150,7 @@ class GradientStats(Callback):
         window = state.get('window')
         if window is not None and len(window) == len(self.relu_names):
             self._relu_max = [None if m is None else m.to(device) for m in window]
-            self._in_window = int(state['in_window'])
+            self._in_window = state['in_window']  # a Python int in the checkpoint
 
     def _zero(self, p):
         if p.device not in self._zeros: self._zeros[p.device] = torch.zeros((), device=p.device)
