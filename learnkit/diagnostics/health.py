@@ -286,7 +286,7 @@ def check_collapse(data, th):
         tail = _tail(len(nz), th.end_window)
         runs = [(s, e) for s, e in _runs(nz >= th.collapse_near_zero) if e - s + 1 >= th.collapse_min_batches]
         name = a['layer_names'][layer]
-        end_level = nz[-tail:].median().item()
+        end_level = nz[-tail:].median().item()  # sync-ok: CPU records, read on request
         if end_level >= th.collapse_near_zero:
             start = runs[-1][0] if runs and runs[-1][1] == len(nz) - 1 else len(nz) - tail
             out.append(Finding(
@@ -297,12 +297,13 @@ def check_collapse(data, th):
                 "a larger batch size", layer=name, batches=(its[start], its[-1]), value=end_level))
         elif runs:
             s, e = max(runs, key=lambda r: r[1] - r[0])
+            level = nz[s:e + 1].median().item()  # sync-ok: CPU records, read on request
             out.append(Finding(
                 'warning', 'activation_collapse',
-                f"{nz[s:e + 1].median().item():.0%} of the activations were <= {NEAR_ZERO} for {e - s + 1} recorded "
+                f"{level:.0%} of the activations were <= {NEAR_ZERO} for {e - s + 1} recorded "
                 f"batches ({len(runs)} such stretch{'es' if len(runs) > 1 else ''}) before recovering; they end at "
                 f"{end_level:.0%}", "warm the learning rate up more gently (larger pct_start or div), or add batchnorm",
-                layer=name, batches=(its[s], its[e]), value=nz[s:e + 1].median().item()))
+                layer=name, batches=(its[s], its[e]), value=level))
     return out
 
 
@@ -328,10 +329,11 @@ def _cycles(std, nz, th):
 def check_cycles(data, th):
     "The chapter's 'exponential growth then collapse' cycles, read from each later layer's std and near-zero share."
     a, out = data.act, []
-    it = a['iters'].tolist()
+    it = a['iters'].tolist()  # sync-ok: CPU records, read on request
     for layer in _judged_layers(a['layer_names'], th):
         std, nz = a['std'][:, layer], a['near_zero'][:, layer]
         ok = ~torch.isnan(nz)
+        # sync-ok: CPU records, read on request
         std, nz, its = std[ok].tolist(), nz[ok].tolist(), [i for i, keep in zip(it, ok.tolist()) if keep]
         events = _cycles(std, nz, th)
         if not events: continue
@@ -349,11 +351,11 @@ def check_cycles(data, th):
 def check_gradients(data, th):
     "Vanishing (no signal reaches a layer) and exploding gradients, per layer."
     g, out = data.grad, []
-    it, norms = g['iters'].tolist(), g['grad_norm']
+    it, norms = g['iters'].tolist(), g['grad_norm']  # sync-ok: CPU records, read on request
     half = norms[len(norms) // 2:]
     for layer, name in enumerate(g['layer_names']):
         col = norms[:, layer]
-        med = half[:, layer].nan_to_num(nan=0.).median().item()
+        med = half[:, layer].nan_to_num(nan=0.).median().item()  # sync-ok: CPU records, read on request
         if med < th.grad_vanishing:
             out.append(Finding(
                 'error', 'vanishing_gradients',
@@ -361,23 +363,24 @@ def check_gradients(data, th):
                 "look for dead activations after it (activation_collapse, dead_units), lower the learning rate, add "
                 "batchnorm or residual connections", layer=name, batches=(it[len(norms) // 2], it[-1]), value=med))
         finite = col[torch.isfinite(col)]
-        if len(finite) and finite.max().item() > th.grad_exploding:
-            worst = int(col.nan_to_num(nan=0., posinf=float('inf')).argmax())
-            over = (col > th.grad_exploding).nonzero().flatten().tolist()
+        peak = finite.max().item() if len(finite) else 0.  # sync-ok: CPU records, read on request
+        if peak > th.grad_exploding:
+            worst = int(col.nan_to_num(nan=0., posinf=float('inf')).argmax())  # sync-ok: CPU records
+            over = (col > th.grad_exploding).nonzero().flatten().tolist()  # sync-ok: CPU records
             out.append(Finding(
                 'warning', 'exploding_gradients',
-                f"gradient norm reached {finite.max().item():.3g} at batch {it[worst]} ({len(over)} steps above "
+                f"gradient norm reached {peak:.3g} at batch {it[worst]} ({len(over)} steps above "
                 f"{th.grad_exploding:g})", "lower the learning rate, clip gradients, or add batchnorm",
-                layer=name, batches=(it[over[0]], it[over[-1]]), value=finite.max().item()))
+                layer=name, batches=(it[over[0]], it[over[-1]]), value=peak))
     return out
 
 
 def check_update_ratio(data, th):
     "Median update:data ratio per layer far from the healthy ~1e-3."
     g, out = data.grad, []
-    it = g['iters'].tolist()
+    it = g['iters'].tolist()  # sync-ok: CPU records, read on request
     for layer, name in enumerate(g['layer_names']):
-        med = g['update_ratio'][:, layer].nan_to_num(nan=0.).median().item()
+        med = g['update_ratio'][:, layer].nan_to_num(nan=0.).median().item()  # sync-ok: CPU records, read on request
         if med < th.update_ratio_low:
             out.append(Finding('warning', 'update_ratio',
                                f"median ||update|| / ||w|| is {med:.1e}, far below ~1e-3: the weights barely move",
@@ -394,11 +397,11 @@ def check_update_ratio(data, th):
 def check_dead_units(data, th):
     "ReLUs with many units that were never positive over the last window."
     g, out = data.dead, []
-    dead, ends = g['dead'], g['dead_iters'].tolist()
+    dead, ends = g['dead'], g['dead_iters'].tolist()  # sync-ok: CPU records, read on request
     for j, name in enumerate(g['relu_names']):
-        frac = dead[-1, j].item()
+        frac = dead[-1, j].item()  # sync-ok: CPU records, read on request
         if frac != frac or frac < th.dead_units: continue
-        first = next(i for i in range(len(dead)) if dead[i, j].item() >= th.dead_units)
+        first = next(i for i in range(len(dead)) if dead[i, j].item() >= th.dead_units)  # sync-ok: CPU records
         out.append(Finding('error' if frac >= 1 else 'warning', 'dead_units',
                            f"{frac:.0%} of this ReLU's units were never positive in the last window (ending at batch "
                            f"{ends[-1]})", "lower the learning rate, add batchnorm before the ReLU, or use a leaky "

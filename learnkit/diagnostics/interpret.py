@@ -90,7 +90,7 @@ class ClassificationInterpretation:
         return show_images(images, titles, max_n=len(titles), figsize=figsize)
 
     def _images(self, x):
-        if self.decode is not None: return self.decode(x).cpu()
+        if self.decode is not None: return self.decode(x).cpu()  # sync-ok: a plot, on request
         flat = x.flatten(1)
         lo, hi = flat.min(1).values, flat.max(1).values
         shape = (-1,) + (1,) * (x.ndim - 1)
