@@ -32,7 +32,7 @@ from .hooks import HookCallback, layer_index, without_grad
 __all__ = ['ActivationStats', 'activation_summary', 'NEAR_ZERO']
 
 _UNSET = object()
-_TENSOR = torch.Tensor
+_TENSOR, _FLOAT32 = torch.Tensor, torch.float32
 _POOL = 16  # sets of sample positions per output size; each batch uses one, drawn at random
 _STAGE_VALUES = 2 ** 19  # staged sample values (2 MB of float32): the number of batches finished together
 NEAR_ZERO = 0.05  # fastai's threshold: an activation <= 0.05 counts as "near zero"
@@ -171,10 +171,15 @@ class ActivationStats(HookCallback):
         self._pending = [None] * len(self._pending)  # hold no activation beyond the forward pass
 
     def _record(self, i, x):
-        flat = self._flat_of(i, x if x.dtype == torch.float32 else x.float())
-        if flat is None: return
-        _, ones, pool, slots = self._layers[i]
-        slot, cell = slots[self._b], 2 * (self._b * len(self._layers) + i)
+        if x.dtype is not _FLOAT32: x = x.float()
+        flat = x.view(-1) if x.is_contiguous() else _flat(x)
+        layer = self._layers[i]
+        if layer is None or layer[0] != flat.numel():  # the first batch, or a new size (a smaller last batch)
+            if flat.numel() == 0: return
+            layer = self._new_size(i, flat.numel())
+        _, ones, pool, slots = layer
+        b = self._b
+        slot, cell = slots[b], 2 * (b * len(self._layers) + i)
         # BLAS dots (faster than torch.sum on the CPU), kept as they come; `_finish` stacks them all in one op
         # (an `out=` here would add a copy per dot).
         self._sums[cell] = torch.dot(flat, ones)
