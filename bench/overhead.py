@@ -1,12 +1,13 @@
 """What the Learner costs: learnkit's fit_one_cycle against a plain PyTorch loop, side by side.
 
-The chapter's simple_cnn + BN on Fashion-MNIST (default 20k training images, bs 64, 2 threads), one
+The chapter's simple_cnn + BN (--no-bn: without) on Fashion-MNIST (default 20k training images, bs 64, 2 threads), one
 epoch of 1cycle training plus a validation pass per run. Every configuration iterates the same
 learnkit loader, so only the training loop differs. Runs alternate (raw, learnkit, learnkit +
 ActivationStats, raw, ...) and each round's ratio is taken against that round's raw run; the table
-gives medians.
+gives medians, and "best" compares each configuration's fastest epoch with the raw loop's fastest (timeit's
+reading: noise from the rest of the machine only ever adds time).
 
-    python bench/overhead.py [--n-train 20000] [--rounds 15] [--device cpu|cuda]
+    python bench/overhead.py [--n-train 20000] [--rounds 15] [--no-bn] [--device cpu|cuda]
 """
 import argparse
 import statistics
@@ -26,10 +27,10 @@ def sync(device):
     if device.type == 'cuda': torch.cuda.synchronize()
 
 
-def raw_loop(dls, device, lr):
+def raw_loop(dls, device, lr, bn=True):
     "The reference: forward, loss, backward, AdamW step, OneCycleLR step, and an on-device validation sum."
     torch.manual_seed(0)
-    model = simple_cnn(bn=True).to(device)
+    model = simple_cnn(bn=bn).to(device)
     loss_func = nn.CrossEntropyLoss()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.95, 0.99), eps=1e-5, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=len(dls.train), pct_start=0.25,
@@ -52,9 +53,9 @@ def raw_loop(dls, device, lr):
     return (correct / dls.valid.n).item()
 
 
-def learnkit_run(dls, device, lr, cbs=()):
+def learnkit_run(dls, device, lr, cbs=(), bn=True):
     torch.manual_seed(0)
-    learn = Learner(dls, simple_cnn(bn=True), loss_func=nn.CrossEntropyLoss(), metrics=accuracy, device=device,
+    learn = Learner(dls, simple_cnn(bn=bn), loss_func=nn.CrossEntropyLoss(), metrics=accuracy, device=device,
                     cbs=list(cbs))
     with learn.no_logging(): learn.fit_one_cycle(1, lr)
     return learn.recorder.values[-1][2]
@@ -68,6 +69,8 @@ def main():
     p.add_argument('--rounds', type=int, default=15)  # this VM's speed moves ~10% between rounds
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--lr', type=float, default=0.01)
+    p.add_argument('--no-bn', dest='bn', action='store_false',
+                   help="the chapter's simple_cnn without batchnorm (steps 1-3: 5 hooked layers instead of 10)")
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -77,10 +80,10 @@ def main():
                                    data.x_valid[:args.n_valid], data.y_valid[:args.n_valid], bs=args.bs,
                                    batch_tfms=[Normalize()], vocab=data.classes, device=device, seed=0)
     configs = {
-        'raw PyTorch loop': lambda: raw_loop(dls, device, args.lr),
-        'learnkit (default callbacks)': lambda: learnkit_run(dls, device, args.lr),
+        'raw PyTorch loop': lambda: raw_loop(dls, device, args.lr, args.bn),
+        'learnkit (default callbacks)': lambda: learnkit_run(dls, device, args.lr, bn=args.bn),
         'learnkit + ActivationStats(with_hist=True)':
-            lambda: learnkit_run(dls, device, args.lr, [ActivationStats(with_hist=True)]),
+            lambda: learnkit_run(dls, device, args.lr, [ActivationStats(with_hist=True)], args.bn),
     }
     for run in configs.values(): run()            # warm-up: allocator, kernels, first-touch costs
     times = {name: [] for name in configs}
@@ -93,17 +96,18 @@ def main():
             sync(device); times[name].append(time.perf_counter() - t0)
     n_img = len(dls.train) * args.bs + args.n_valid
     ref = times['raw PyTorch loop']
-    print(f"device {device}, {args.threads} threads, {args.n_train} train + {args.n_valid} valid images, "
-          f"bs {args.bs}, {args.rounds} alternating rounds (medians; 'middle half' is the interquartile range of "
+    print(f"simple_cnn({'with' if args.bn else 'without'} batchnorm), device {device}, {args.threads} threads, "
+          f"{args.n_train} train + {args.n_valid} valid images, bs {args.bs}, {args.rounds} alternating rounds (medians; 'middle half' is the interquartile range of "
           f"the per-round ratios: how much this machine's speed moved between rounds)")
-    print(f"{'configuration':<46}{'epoch s':>9}{'img/s':>9}{'ratio':>8}{'middle half':>14}{'valid acc':>11}")
+    print(f"{'configuration':<46}{'epoch s':>9}{'img/s':>9}{'ratio':>8}{'middle half':>14}{'best':>7}"
+          f"{'valid acc':>11}")
     for name, ts in times.items():
         ratios = [r / t for r, t in zip(ref, ts)]
         quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
         med = statistics.median(ts)
         spread = f"{quartiles[0]:.3f}-{quartiles[2]:.3f}"
         print(f"{name:<46}{med:>9.2f}{n_img / med:>9.0f}{statistics.median(ratios):>8.3f}{spread:>14}"
-              f"{accs[name]:>11.3f}")
+              f"{min(ref) / min(ts):>7.3f}{accs[name]:>11.3f}")
 
 
 if __name__ == '__main__':
