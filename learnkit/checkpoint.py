@@ -388,6 +388,15 @@ class ExportedData:
     @property
     def c(self): return len(self.vocab) if self.vocab is not None else None
 
+    def prepare(self, item):
+        """One item (an image file's path, a PIL image or an image tensor, as the training data held it) as a
+        float batch of one, normalised as the loaders did. Files are decoded with as many channels as the
+        statistics have; item transforms (Resize...) are not exported, so files must have the training size."""
+        from .data.items import item_batch, item_tensor, mode_for
+        channels = len(self.normalize.mean) if self.normalize is not None else None
+        tfms = [self.normalize] if self.normalize is not None else []
+        return item_batch(item_tensor(item, mode_for(channels)), tfms, 'cpu')
+
     def __repr__(self): return f"ExportedData(vocab={self.vocab}, normalize={self.normalize})"
 
 
@@ -397,7 +406,7 @@ def load_learner(path, model=None, loss_func=None, device=None):
     The model is rebuilt from learnkit's registry (`get_model(name, **kwargs)`) unless `model` is given:
     an `nn.Module` to load the weights into, or a callable called with the saved constructor arguments
     (none if the model was not built by a registered constructor). `learn.dls` holds the vocab and the
-    `Normalize` to apply to raw inputs; `learn.predict(x)` takes inputs already normalised."""
+    `Normalize` to apply to raw inputs; `learn.predict(item)` applies it, as the loaders did."""
     from .data.transforms import Normalize
     from .learner import Learner
     from .models import get_model

@@ -297,14 +297,19 @@ class Learner:
         act = act if act is not None else _loss_activation(self.loss_func)
         return (act(out[0]),) + out[1:]
 
-    def predict(self, x):
-        """Predict one item `x`, an input tensor as the model takes it without the batch dimension.
-        Returns `(label, class_index, probabilities)`; label comes from `dls.vocab` when there is one."""
+    def predict(self, item):
+        """Predict one item as the data holds it, as fastai does: an image file's path, a PIL image, or an image
+        tensor (uint8 0..255 or float in [0, 1]; (H, W) or (C, H, W)), e.g. `dls.valid.dataset[i][0]`. It is
+        prepared as the validation loader prepares its batches (item transforms, scaling, Normalize; see
+        `TfmdDL.prepare`); with plain torch loaders, whose transforms learnkit does not know, the tensor goes to
+        the model as it is. Returns `(label, class_index, probabilities)`; label comes from `dls.vocab` when there
+        is one."""
         self._prepare()
+        xb = _item_as_batch(self.dls, item).to(self.device)
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.no_grad(): pred = self.model(x[None].to(self.device))
+            with torch.no_grad(): pred = self.model(xb)
         finally: self.model.train(was_training)
         probs = _loss_activation(self.loss_func)(pred[0].float()).cpu()  # sync-ok: one item, on request
         idx = int(probs.argmax())
@@ -401,6 +406,16 @@ def _default_loss(dls):
     if getattr(dls, 'vocab', None) is not None: return nn.CrossEntropyLoss()
     raise ValueError("loss_func=None and the data loaders do not say which loss fits them: pass one, e.g. "
                      "Learner(dls, model, loss_func=nn.CrossEntropyLoss()) for classification.")
+
+
+def _item_as_batch(dls, item):
+    "One item as a batch of one: through the loaders' preparation when learnkit knows it (TfmdDL, a loaded export)."
+    prepare = getattr(getattr(dls, 'valid', None), 'prepare', None) or getattr(dls, 'prepare', None)
+    if prepare is not None: return prepare(item)
+    if not isinstance(item, torch.Tensor):
+        raise TypeError(f"predict with plain torch loaders takes the input tensor of one item, as the model takes it "
+                        f"without the batch dimension; got {type(item).__name__}")
+    return item[None]
 
 
 def _is_cross_entropy(loss_func):

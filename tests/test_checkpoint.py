@@ -228,9 +228,12 @@ def test_export_and_load_learner_rebuild_the_model_by_name(fmnist, tmp_path):
     norm = dls.train.batch_tfms[-1]
     assert torch.equal(loaded.dls.normalize.mean, norm.mean) and torch.equal(loaded.dls.normalize.std, norm.std)
     xb, _ = dls.valid.one_batch()
-    label, idx, probs = loaded.predict(xb[0])
-    _, _, expected = learn.predict(xb[0])
-    assert torch.allclose(probs, expected) and label == fmnist.classes[idx]
+    raw = dls.valid.dataset[0][0]  # a uint8 image as the data holds it: both learners normalise it
+    label, idx, probs = loaded.predict(raw)
+    _, _, expected = learn.predict(raw)
+    with torch.no_grad(): direct = torch.softmax(learn.model.eval()(xb[:1]), 1)[0]
+    assert torch.allclose(probs, expected) and torch.allclose(probs, direct, atol=1e-5)
+    assert label == fmnist.classes[idx]
     # the stored statistics normalise raw images as the loaders did
     raw_x = fmnist.x_valid[:4].float().div(255).unsqueeze(1)
     assert torch.allclose(loaded.dls.normalize(raw_x, False), xb[:4], atol=1e-5)

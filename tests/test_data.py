@@ -331,6 +331,18 @@ def test_gray_and_rgb_files_mixed_are_converted(tmp_path, fmnist):
         assert dls.load().train.source.cache.host_x.shape == (16, channels, 28, 28)
 
 
+def test_prepare_makes_an_item_what_the_validation_loader_makes_of_it(png_tree):
+    "A file's path, the image opened with PIL, or its decoded tensor: each becomes that file's row of the batch."
+    from PIL import Image
+    dls = chapter_block(item_tfms=Resize(20), batch_tfms=Normalize()).dataloaders(png_tree, bs=8, seed=0, **CPU)
+    xb, _ = dls.valid.one_batch()
+    file = dls.valid.items[3]
+    for item in (file, str(file), Image.open(file), decode_image(str(file))):
+        x = dls.valid.prepare(item)
+        assert x.shape == (1, 1, 20, 20) and torch.allclose(x[0], xb[3], atol=1e-6), type(item)
+    with pytest.raises(FileNotFoundError, match='no image file'): dls.valid.prepare(png_tree / 'missing.png')
+
+
 def test_wrong_transform_kinds_are_rejected():
     with pytest.raises(TypeError, match='item transform'): chapter_block(batch_tfms=Resize(20))
     with pytest.raises(TypeError, match='batch transform'): chapter_block(item_tfms=Normalize())

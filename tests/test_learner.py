@@ -10,8 +10,9 @@ from conftest import tiny_cnn, torch_dls
 from learnkit import (EVENTS, SGD, Callback, CancelBackwardException, CancelBatchException, CancelEpochException,
                       CancelFitException, CancelStepException, CancelTrainException, CancelValidException,
                       Learner, accuracy, error_rate)
-from learnkit.data import DataLoaders
+from learnkit.data import DataLoaders, Normalize
 from learnkit.diagnostics import OpCounter
+from learnkit.models import simple_cnn
 
 
 class EventLog(Callback):
@@ -248,6 +249,28 @@ def test_get_preds_with_loss_and_predict(fmnist):
     assert label == idx == int(preds[0].argmax()) and probs.shape == (10,)
 
 
+def test_predict_takes_an_item_as_the_data_holds_it(fmnist):
+    "As fastai's predict: a raw item is scaled and normalised as the validation loader does its batches."
+    dls = DataLoaders.from_tensors(fmnist.x_train[:256], fmnist.y_train[:256], fmnist.x_valid[:64],
+                                   fmnist.y_valid[:64], bs=64, batch_tfms=[Normalize()], vocab=fmnist.classes,
+                                   device='cpu', seed=0)
+    torch.manual_seed(0)
+    learn = Learner(dls, simple_cnn(bn=True), loss_func=nn.CrossEntropyLoss())
+    with learn.no_logging(): learn.fit(1, 1e-2)
+    xb, _ = dls.valid.one_batch()
+    with torch.no_grad(): expected = torch.softmax(learn.model.eval()(xb), 1)
+    raw = dls.valid.dataset[0][0]
+    assert raw.dtype == torch.uint8 and raw.shape == (1, 28, 28)
+    learn.model.train()
+    for item in (raw, raw[0], raw.float() / 255):  # uint8 (C, H, W) and (H, W), float in [0, 1]
+        label, idx, probs = learn.predict(item)
+        assert torch.allclose(probs, expected[0], atol=1e-5) and label == fmnist.classes[idx]
+        assert learn.model.training  # predict evaluates in eval mode and restores the mode it found
+    with pytest.raises(ValueError, match='looks normalised already'): learn.predict(xb[0])
+    with pytest.raises(ValueError, match='one image'): learn.predict(xb)
+    with pytest.raises(TypeError, match="path, a PIL image or an image tensor"): learn.predict([0.5] * 784)
+
+
 def test_results_table_and_dataframe(fmnist, capsys):
     learn = small_learner(fmnist)
     learn.fit(2, 1e-3)
@@ -272,7 +295,6 @@ def test_plots_return_figures(fmnist):
 
 
 def test_simple_cnn_bn_one_cycle_reaches_80_percent_on_10k(fmnist):
-    from learnkit.models import simple_cnn
     torch.manual_seed(0)
     learn = Learner(torch_dls(fmnist, 10_000, 2000, bs=64), simple_cnn(bn=True), loss_func=nn.CrossEntropyLoss(),
                     metrics=accuracy)

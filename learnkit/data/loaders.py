@@ -13,8 +13,9 @@ import math
 
 import torch
 
+from .items import item_batch, item_tensor, mode_for, to_float as _to_float
 from .show import show_images
-from .sources import DatasetSource, TensorSource
+from .sources import DatasetSource, ImageFiles, TensorSource
 from .transforms import BatchTransform, ItemTransform
 
 __all__ = ['TfmdDL', 'DataLoaders', 'default_device']
@@ -181,6 +182,18 @@ class TfmdDL:
         idx = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed))[:self.bs]
         return _to_float(self.source.peek(idx)[0])
 
+    def prepare(self, item):
+        """One item as the data holds it (an image file's path, a PIL image, or an image tensor: uint8 0..255 or
+        float in [0, 1], (H, W) or (C, H, W)) as this loader batches its items: a float batch of one on `device`,
+        after the source's item transforms (Resize...) and the batch transforms, without augmentation. This is
+        what `Learner.predict` feeds the model."""
+        source = self.source
+        if isinstance(source, ImageFiles): mode, prep = source.mode, source.prep
+        else:  # tensors: files and PIL images are decoded with as many channels as the data has
+            channels = source.host_x.shape[1] if isinstance(source, TensorSource) else None
+            mode, prep = mode_for(channels), ()
+        return item_batch(item_tensor(item, mode, prep), self.batch_tfms, self.device)
+
     def decode(self, xb):
         "Undo the batch transforms that can be undone (Normalize), giving images in [0, 1]."
         for t in reversed(self.batch_tfms): xb = t.decode(xb)
@@ -196,11 +209,6 @@ class TfmdDL:
     def __repr__(self):
         return (f"TfmdDL(n={self.n}, bs={self.bs}, shuffle={self.shuffle}, drop_last={self.drop_last}, "
                 f"device={self.device}, batch_tfms={self.batch_tfms})")
-
-
-def _to_float(xb):
-    "uint8 images scaled to float [0, 1]; float images as float32."
-    return xb.float().div_(255) if xb.dtype == torch.uint8 else xb.float()
 
 
 def _ready(xb, yb, copied):
