@@ -96,6 +96,21 @@ def test_loss_curve_matches_one_process_with_the_same_global_batch(ddp_run, fmni
         assert r['losses'] == pytest.approx(single, rel=LOSS_RTOL)
 
 
+def test_gradient_accumulation_all_reduces_once_per_step_and_matches_one_process(ddp_run, fmnist):
+    "Accumulated batches skip DDP's all-reduce (no_sync); the steps still equal one process on the global batches."
+    from learnkit.callbacks.batch_size import GradientAccumulation
+    _, results, _ = ddp_run
+    learn = _learner(_dls(fmnist, BS), _model(), cbs=[GradientAccumulation(n_acc=2 * BS)])
+    with learn.no_bar(), learn.no_logging(): learn.fit(1)
+    single, steps = learn.recorder.losses, N_TRAIN // BS // 2
+    for r in results:
+        assert r['acc_losses'] == pytest.approx(single, rel=LOSS_RTOL)  # the weights after each step agree
+        assert r['acc_allreduces'] == steps  # one bucket (a small model), one all-reduce per step, not per batch
+        # The noise scale's big batch is the global one (2 ranks x 2 batches x 32); its estimates are finite.
+        rows = torch.tensor(r['acc_noise_scale'])
+        assert len(rows) == steps and (rows[:, 0] == 2 * BS).all() and rows.isfinite().all()
+
+
 def test_lr_find_runs_on_every_rank_with_one_answer(ddp_run):
     _, (r0, r1), _ = ddp_run
     assert r0['lr_find'] == r1['lr_find'] and r0['lr_find_points'] == r1['lr_find_points']
@@ -172,7 +187,9 @@ def test_outside_torchrun_distrib_ctx_does_nothing_and_the_callback_says_how_to_
 
 # ---- what each rank runs under torchrun -----------------------------------------------------------------------
 def _train_worker(out):
+    from learnkit import Callback
     from learnkit.callbacks.activations import ActivationStats
+    from learnkit.callbacks.batch_size import GradientAccumulation, GradientNoiseScale
     from learnkit.callbacks.distributed import num_distrib, rank_distrib
     from learnkit.callbacks.gradients import GradientStats
     from learnkit.callbacks.logging import CSVLogger
@@ -181,6 +198,17 @@ def _train_worker(out):
     from learnkit.datasets import fashion_mnist
     rank, world = rank_distrib(), num_distrib()
     fm = fashion_mnist()
+
+    class CountAllReduces(Callback):
+        "Counts the gradient all-reduces of the DDP-wrapped model (every bucket of every synced backward)."
+        order = 6  # after DistributedCallback wraps the model
+        def before_fit(self):
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+            self.calls = 0
+            def counted(state, bucket):
+                self.calls += 1
+                return allreduce_hook(state, bucket)
+            self.learn.model.register_comm_hook(None, counted)
     # Each rank writes under its own folder, so the test can see that rank 1 wrote nothing.
     learn = _learner(_dls(fm, BS // world), _model(), path=out / f'rank{rank}',
                      cbs=[SaveModelCallback(every_epoch=True, with_opt=False), CSVLogger()])
@@ -209,6 +237,15 @@ def _train_worker(out):
                              cbs=[ActivationStats()])
     with sampled_learn.no_logging(): sampled_learn.fit(1, lr=0.)
     result['sampled_near_zero'] = sampled_learn.activation_stats.stats['near_zero'][0].tolist()
+
+    # GradientAccumulation over 2 batches per rank: the global batch of a step is the single-process batches
+    # 2k and 2k+1. Only the backward of the batch that steps all-reduces (counted with a DDP comm hook).
+    acc_learn = _learner(_dls(fm, BS // world), _model(),
+                         cbs=[GradientAccumulation(n_acc=2 * BS // world), GradientNoiseScale(), CountAllReduces()])
+    with acc_learn.no_logging(): acc_learn.fit(1)
+    result['acc_losses'] = acc_learn.recorder.losses
+    result['acc_allreduces'] = acc_learn.count_all_reduces.calls
+    result['acc_noise_scale'] = acc_learn.gradient_noise_scale.noise_scale[['bs', 'grad_sq', 'trace']].values.tolist()
 
     # The command line, as `torchrun -m learnkit train` runs it (simple_cnn with BatchNorm), then a validation
     # of its final weights on the whole validation set by this rank alone.

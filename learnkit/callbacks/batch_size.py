@@ -8,6 +8,8 @@
   "Don't Decay the Learning Rate, Increase the Batch Size").
 """
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from ..callback import Callback, CancelBatchException
@@ -43,6 +45,10 @@ class GradientAccumulation(Callback):
                              "the gradient after every backward: use MixedPrecision(torch.bfloat16) (no loss scaling), "
                              "or drop one of the two")
         self.count = 0
+
+    def steps_after(self, bs):
+        "Whether the next training batch, of `bs` samples, completes the accumulation, so that its step runs."
+        return self.count + bs >= self.n_acc
 
     def after_loss(self):
         bs = batch_size(self.learn)
@@ -106,6 +112,12 @@ class GradientNoiseScale(Callback):
       at fixed weights, split batches of 256 gave 865 where 8 accumulated batches of 32, each with its own
       BN statistics as in the paper's data-parallel runs, gave 931).
 
+    Under DDP (torchrun) with GradientAccumulation, the batches that do not step accumulate their gradients
+    locally (see DistributedCallback), so they are the small batches, of this rank's size; the batch that steps
+    is not one of them, as its gradient arrives already averaged over the ranks; and the big batch is the global
+    one, `world_size` times the samples this rank accumulated. So a step needs at least one batch before the
+    one that steps, and every rank has its own estimates, which are averaged across ranks once per epoch.
+
     The loss must be mean-reduced (the default of torch's losses), so a gradient is a mean over samples.
     Nothing is read from the device per batch; `noise_scale` (a DataFrame, one row per measurement),
     `critical_batch_size()` and `plot()` read the record when asked, and the recorder gets a `noise_scale`
@@ -135,6 +147,8 @@ class GradientNoiseScale(Callback):
             raise ValueError(f"GradientNoiseScale needs a mean-reduced loss (gradients as means over samples); "
                              f"loss_func has reduction={reduction!r}")
         self._every = self.every or (1 if self._acc is not None else 10)
+        # DistributedCallback (order 5) has wrapped the model by now.
+        self._world = dist.get_world_size() if isinstance(self.learn.model, DistributedDataParallel) else 1
         self._params = [p for p in self.learn.model.parameters() if p.requires_grad]
         self._log, self._rows, self._ema, self._n, self._steps, self._prev = TensorLog(), [], None, 0, 0, None
         if self._acc is not None: self._start_group()
@@ -165,6 +179,9 @@ class GradientNoiseScale(Callback):
 
     def after_backward(self):
         if self._acc is None or not self._measuring: return
+        # Under DDP only the backward of the batch that steps is all-reduced: its growth of .grad would mix this
+        # rank's batch with the others' whole accumulation, so it is left out of the small batches.
+        if self._world > 1 and self.learn.model.require_backward_grad_sync: return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
         batch_sq = _sq_norm(torch._foreach_sub(grads, self._prev)) / self._acc.loss_weight ** 2
         torch._foreach_copy_(self._prev, grads)
@@ -175,14 +192,14 @@ class GradientNoiseScale(Callback):
     def before_step(self):
         if self._acc is None: return
         if self._measuring:
-            if self._n_small < 2:
+            if self._n_small < (2 if self._world == 1 else 1):
                 raise ValueError(f"GradientNoiseScale needs at least two batches per optimizer step, but "
                                  f"GradientAccumulation(n_acc={self._acc.n_acc}) stepped after one batch of "
                                  f"{self._acc.step_samples}: raise n_acc above the batch size, or remove "
                                  "GradientAccumulation so that GradientNoiseScale splits the batches instead")
             big_sq = _sq_norm([p.grad for p in self._params if p.grad is not None])
-            self._record(self._small_sq / self._n_small, self._inv_small / self._n_small, big_sq,
-                         1 / self._acc.step_samples, self._acc.step_samples)
+            big = self._acc.step_samples * self._world
+            self._record(self._small_sq / self._n_small, self._inv_small / self._n_small, big_sq, 1 / big, big)
         self._steps += 1
         self._start_group()
 

@@ -19,6 +19,8 @@ What the callback does, and the choices behind it:
   are rebuilt around a `DistributedSampler`. Every rank gets as many items (the shard is padded by repeating
   the first items, as torch does), so every rank runs as many batches. `bs` is per process: the global batch is
   `bs * world_size`.
+- Gradient accumulation: with `GradientAccumulation`, only the backward of a batch that steps all-reduces the
+  gradients (DDP's `no_sync` for the others), so an accumulated step costs one all-reduce, not one per batch.
 - Training loss: the loss of each training batch is averaged across ranks at `after_loss`, so the Recorder, the
   progress bar and every callback that reads `learn.loss` (lr_find's divergence check, NaN guards) see the loss
   of the global batch and take the same decisions on every rank. This is one scalar all-reduce per batch.
@@ -51,8 +53,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from ..callback import Callback, noop
+from ..metrics import batch_size
 from .activations import _HIST, _NEAR, _NSAMPLE, _NUMEL, ActivationStats
-from .batch_size import GradientNoiseScale
+from .batch_size import GradientAccumulation, GradientNoiseScale
 from .core import GatherPredsCallback
 from .gradients import GradientStats
 from .progress import ProgressCallback
@@ -299,6 +302,7 @@ class DistributedCallback(Callback):
         self.timeout, self.ddp_kwargs = timeout, ddp_kwargs
         self._active, self._sharded, self._rebuilt, self._muted, self._saved_logger = False, [], {}, [], None
         self._valid_batches, self._record_starts, self._gradient_stats = [], [], []
+        self._accumulation = None
 
     @property
     def rank(self): return rank_distrib()
@@ -344,6 +348,7 @@ class DistributedCallback(Callback):
             kwargs = {**kwargs, _NO_FORWARD_BUFFER_SYNC: False, **self.ddp_kwargs}
             learn.model = DistributedDataParallel(learn.model, **kwargs)
         self._gradient_stats = [cb for cb in learn.cbs if isinstance(cb, GradientStats)]
+        self._accumulation = next((cb for cb in learn.cbs if isinstance(cb, GradientAccumulation)), None)
         if any(isinstance(cb, LRFinder) for cb in learn.cbs):
             # lr_find sized its fit from the unsharded loader; a rank's shard has 1/world_size of the batches,
             # so give the finder enough epochs to reach its num_it batches (it stops itself there).
@@ -354,7 +359,17 @@ class DistributedCallback(Callback):
         self._record_starts = [(cb, combine, len(_records(cb))) for cb in self.learn.cbs
                                for cls, combine in _RANK_RECORDS.items() if isinstance(cb, cls)]
 
+    def before_batch(self):
+        # With GradientAccumulation, only the backward of a batch that steps all-reduces the gradients; the others
+        # add to .grad locally, and the next all-reduce averages the whole accumulation. This is what DDP's
+        # `no_sync()` sets, and like it, it must be in force from the forward pass on. Without it every
+        # accumulated batch paid an all-reduce of the full gradient.
+        acc, model = self._accumulation, self.learn.model
+        if acc is not None and self.learn.training and isinstance(model, DistributedDataParallel):
+            model.require_backward_grad_sync = acc.steps_after(batch_size(self.learn))
+
     def after_train(self):
+        if isinstance(self.learn.model, DistributedDataParallel): self.learn.model.require_backward_grad_sync = True
         self._unshard(self.learn.dl)
         for buf in unwrap_model(self.learn.model).buffers(): buf.copy_(broadcast(buf))  # rank 0's, for validation
         # One combine per statistics callback per epoch, before anything reads the epoch's records.
