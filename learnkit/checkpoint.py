@@ -11,6 +11,7 @@ on load, as fastai's `load_learner` allows) is refused with `UnsafeCheckpointErr
 `export_learner` / `load_learner` write and read an inference file in the same safe format: weights,
 vocab, normalisation statistics and the model's registry name and arguments (`model.learnkit_spec`).
 """
+import io
 import os
 import pickle
 import random
@@ -78,22 +79,26 @@ def _fsync_dir(folder):
     finally: os.close(fd)
 
 
-def safe_load(file):
-    """Read a file written by `torch.save` with `torch.load(weights_only=True)`, onto the CPU.
+def safe_load(file, data=None):
+    """Read a file written by `torch.save` with `torch.load(weights_only=True)`, onto the CPU. `data`: the
+    file's bytes, read already (rank 0 sends them to the other ranks); `file` then only names it in messages.
 
     Raises `UnsafeCheckpointError` (and runs nothing from the file) when the file holds objects other than
     tensors and plain values, and `CheckpointError` when it is cut short or not a torch file at all."""
     file = Path(file)
-    if not file.is_file():
+    if data is None and not file.is_file():
         near = sorted(p.name for p in file.parent.glob('*.pth')) if file.parent.is_dir() else []
         raise FileNotFoundError(f"No checkpoint at {file}" + (f"; {file.parent} has {near}" if near else ''))
-    if not zipfile.is_zipfile(file):
+    source = io.BytesIO(data) if data is not None else file
+    if not zipfile.is_zipfile(source):
+        size = len(data) if data is not None else file.stat().st_size
         raise CheckpointError(
-            f"{file} ({file.stat().st_size} bytes) is not a complete torch checkpoint: either it was cut short "
+            f"{file} ({size} bytes) is not a complete torch checkpoint: either it was cut short "
             "(a crash or an interrupted copy), or it is another format such as a plain pickle, which learnkit "
             "never loads because unpickling can run code. Use an earlier checkpoint, or save the file again.")
+    if data is not None: source.seek(0)
     try:
-        return torch.load(file, map_location='cpu', weights_only=True)
+        return torch.load(source, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
         reason = next((line.strip() for line in str(e).splitlines() if 'Unsupported' in line), 'see torch.load')
         raise UnsafeCheckpointError(
@@ -221,9 +226,9 @@ def save_checkpoint(learn, name, with_opt=True, resume_at=None, epoch_start=None
     return atomic_save(learner_state(learn, with_opt, resume_at, epoch_start), checkpoint_file(learn, name))
 
 
-def read_checkpoint(file, expected=CHECKPOINT_FORMAT):
-    "`safe_load(file)`, checked to be a learnkit file of the `expected` kind."
-    state = safe_load(file)
+def read_checkpoint(file, expected=CHECKPOINT_FORMAT, data=None):
+    "`safe_load(file, data)`, checked to be a learnkit file of the `expected` kind."
+    state = safe_load(file, data)
     kind = state.get('format') if isinstance(state, dict) else None
     if kind != expected:
         what = {CHECKPOINT_FORMAT: 'a training checkpoint (read it with learn.load)',
@@ -244,6 +249,18 @@ def load_checkpoint(learn, name, with_opt=True, training_state=True):
     skipped: `fit(..., resume=...)` restores them too."""
     file = checkpoint_file(learn, name)
     restore(learn, read_checkpoint(file), file, with_opt, training_state)
+    return file
+
+
+def load_checkpoint_from_rank0(learn, name, with_opt=True, training_state=True):
+    """`load_checkpoint` for a distributed run, where only rank 0 writes checkpoints, so only it can be relied on
+    to have the file: rank 0 reads it and sends its bytes to the other ranks, and every rank restores the same
+    state, so the ranks agree afterwards. Every rank must call it. In one process it is `load_checkpoint`."""
+    from .callbacks.distributed import broadcast_bytes, is_rank0, num_distrib
+    if num_distrib() == 1: return load_checkpoint(learn, name, with_opt, training_state)
+    file = checkpoint_file(learn, name)
+    data = broadcast_bytes(file.read_bytes() if is_rank0() else None)
+    restore(learn, read_checkpoint(file, data=data), file, with_opt, training_state)
     return file
 
 

@@ -111,6 +111,18 @@ def test_gradient_accumulation_all_reduces_once_per_step_and_matches_one_process
         assert len(rows) == steps and (rows[:, 0] == 2 * BS).all() and rows.isfinite().all()
 
 
+def test_the_best_weights_loaded_at_the_end_reach_every_rank(ddp_run):
+    "Only rank 0 writes checkpoints; SaveModelCallback sends the best one to every rank, so the ranks agree."
+    from learnkit.checkpoint import safe_load
+    out, (r0, r1), _ = ddp_run
+    losses = r0['best_valid_losses']
+    assert losses[1] > losses[0] and r1['best_valid_losses'] == losses  # epoch 0 is the best, on both ranks
+    assert not (out / 'best_rank1').exists()  # rank 1 wrote nothing, so it cannot have read its own file
+    saved = safe_load(out / 'best_rank0' / 'models' / 'model.pth')['model']
+    best = torch.cat([t.flatten().float() for t in saved.values()])
+    assert torch.equal(torch.tensor(r0['best_weights']), best) and torch.equal(torch.tensor(r1['best_weights']), best)
+
+
 def test_lr_find_runs_on_every_rank_with_one_answer(ddp_run):
     _, (r0, r1), _ = ddp_run
     assert r0['lr_find'] == r1['lr_find'] and r0['lr_find_points'] == r1['lr_find_points']
@@ -246,6 +258,21 @@ def _train_worker(out):
     result['acc_losses'] = acc_learn.recorder.losses
     result['acc_allreduces'] = acc_learn.count_all_reduces.calls
     result['acc_noise_scale'] = acc_learn.gradient_noise_scale.noise_scale[['bs', 'grad_sq', 'trace']].values.tolist()
+
+    # SaveModelCallback loads the best epoch back at the end of fit. Epoch 1 is spoiled (the same noise added to
+    # the weights on every rank before its validation), so the best is epoch 0, written by rank 0 alone: every
+    # rank must end with those weights.
+    class SpoilEpoch1(Callback):
+        def after_train(self):
+            if self.learn.epoch == 1:
+                g = torch.Generator().manual_seed(0)
+                with torch.no_grad():
+                    for p in self.learn.model.parameters(): p.add_(torch.randn(p.shape, generator=g))
+    best_learn = _learner(_dls(fm, BS // world), _model(), path=out / f'best_rank{rank}',
+                          cbs=[SaveModelCallback(), SpoilEpoch1()])
+    with best_learn.no_logging(): best_learn.fit(2)
+    result['best_valid_losses'] = [row[1] for row in best_learn.recorder.values]
+    result['best_weights'] = torch.cat([t.flatten().float() for t in best_learn.model.state_dict().values()]).tolist()
 
     # The command line, as `torchrun -m learnkit train` runs it (simple_cnn with BatchNorm), then a validation
     # of its final weights on the whole validation set by this rank alone.

@@ -35,6 +35,9 @@ What the callback does, and the choices behind it:
 - Statistics: ActivationStats (sums, sums of squares, counts, histograms) and GradientNoiseScale records are
   combined across ranks at the end of each epoch's training, GradientStats' dead-unit windows as they close,
   so every rank reads the statistics of the global batches.
+- Checkpoints: only rank 0 writes them. When SaveModelCallback loads the best epoch back at the end of fit,
+  rank 0 sends the file's bytes to the other ranks (which may not see its files), so every rank ends with the
+  same weights.
 - Display: only rank 0 shows the progress bar and per-epoch lines. Callbacks that write files (checkpoints,
   CSV, TensorBoard) or print reports check `is_rank0()` (or decorate the method with `rank0_only`).
 
@@ -187,6 +190,14 @@ def broadcast(t, src=0):
 def broadcast_int(value, src=0):
     "Rank `src`'s integer (a seed, say), on every rank."
     return int(broadcast(torch.tensor([int(value)], dtype=torch.int64), src).item())  # sync-ok: once per epoch
+
+
+def broadcast_bytes(data, src=0):
+    "Rank `src`'s `data` (bytes; the other ranks pass None), on every rank: a length, then the bytes."
+    mine = rank_distrib() == src
+    n = broadcast_int(len(data) if mine else 0, src)
+    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if mine and n else torch.zeros(n, dtype=torch.uint8)
+    return broadcast(buf, src).cpu().numpy().tobytes()  # sync-ok: a checkpoint, once
 
 
 def _all_gather(t):

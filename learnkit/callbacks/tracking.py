@@ -9,9 +9,11 @@ import operator
 import warnings
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from ..callback import Callback, CancelFitException
-from ..checkpoint import epoch_start_state, is_main_process, load_checkpoint, save_checkpoint
+from ..checkpoint import (epoch_start_state, is_main_process, load_checkpoint, load_checkpoint_from_rank0,
+                          save_checkpoint)
 
 __all__ = ['TrackerCallback', 'SaveModelCallback', 'EarlyStoppingCallback', 'TerminateOnNaNCallback']
 
@@ -68,14 +70,14 @@ class SaveModelCallback(TrackerCallback):
         if every_n_batches is not None and (not isinstance(every_n_batches, int) or every_n_batches < 1):
             raise ValueError(f"every_n_batches must be a positive int or None; got {every_n_batches!r}")
         self.fname, self.every_epoch, self.with_opt, self.every_n_batches = fname, every_epoch, with_opt, every_n_batches
-        self.last_saved, self.saved_best, self._epoch_start = None, False, None
+        self.last_saved, self.saved_best, self._best_written, self._epoch_start = None, False, False, None
 
     @property
     def last_name(self): return f'{self.fname}_last'
 
     def before_fit(self):
         super().before_fit()
-        self.saved_best = False
+        self.saved_best = self._best_written = False
 
     def before_train(self):
         # A plain DataLoader draws its epoch order from the RNG now; mid-epoch checkpoints keep that state
@@ -94,10 +96,17 @@ class SaveModelCallback(TrackerCallback):
         at = (self.learn.epoch + 1, 0)
         self._save(self.last_name, at)
         if self.every_epoch: self._save(f'{self.fname}_{self.learn.epoch}', at)
-        elif self.improved: self.saved_best = self._save(self.fname, at) or self.saved_best
+        elif self.improved:
+            self.saved_best = self._save(self.fname, at) or self.saved_best
+            self._best_written = True  # by rank 0, whichever rank this is
 
     def after_fit(self):
-        if not self.every_epoch and self.saved_best:
+        if self.every_epoch or not self._best_written: return
+        if isinstance(self.learn.model, DistributedDataParallel):
+            # Only rank 0 wrote the file, and the other ranks may not see its files: it sends them the bytes, so
+            # that every rank ends with the best weights and the ranks still agree.
+            load_checkpoint_from_rank0(self.learn, self.fname, with_opt=self.with_opt, training_state=False)
+        elif self.saved_best:
             load_checkpoint(self.learn, self.fname, with_opt=self.with_opt, training_state=False)
 
     def _save(self, name, resume_at):
