@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,17 @@ def test_the_best_weights_loaded_at_the_end_reach_every_rank(ddp_run):
     assert torch.equal(torch.tensor(r0['best_weights']), best) and torch.equal(torch.tensor(r1['best_weights']), best)
 
 
+def test_a_nan_on_one_rank_stops_every_rank_on_the_same_checkpoint(ddp_run):
+    from learnkit.checkpoint import safe_load
+    out, (r0, r1), _ = ddp_run
+    assert r0['nan_bad_batch'] == r1['nan_bad_batch'] == [0, 9]
+    assert all('Restored the model' in r['nan_message'] for r in (r0, r1))
+    saved = safe_load(out / 'nan_rank0' / 'models' / 'model_last.pth')
+    assert tuple(saved['loop']['resume_at']) == (0, 8)  # the checkpoint after batch 8, the last before the NaN
+    last = torch.cat([t.flatten().float() for t in saved['model'].values()])
+    assert torch.equal(torch.tensor(r0['nan_weights']), last) and torch.equal(torch.tensor(r1['nan_weights']), last)
+
+
 def test_lr_find_runs_on_every_rank_with_one_answer(ddp_run):
     _, (r0, r1), _ = ddp_run
     assert r0['lr_find'] == r1['lr_find'] and r0['lr_find_points'] == r1['lr_find_points']
@@ -205,7 +217,7 @@ def _train_worker(out):
     from learnkit.callbacks.distributed import num_distrib, rank_distrib
     from learnkit.callbacks.gradients import GradientStats
     from learnkit.callbacks.logging import CSVLogger
-    from learnkit.callbacks.tracking import SaveModelCallback
+    from learnkit.callbacks.tracking import SaveModelCallback, TerminateOnNaNCallback
     from learnkit.cli import build_parser, train
     from learnkit.datasets import fashion_mnist
     rank, world = rank_distrib(), num_distrib()
@@ -273,6 +285,20 @@ def _train_worker(out):
     with best_learn.no_logging(): best_learn.fit(2)
     result['best_valid_losses'] = [row[1] for row in best_learn.recorder.values]
     result['best_weights'] = torch.cat([t.flatten().float() for t in best_learn.model.state_dict().values()]).tolist()
+
+    # A NaN input on rank 1 alone, at batch 9: the averaged loss is NaN on both ranks, both stop and both get
+    # the last checkpoint before it (batch 8), which rank 0 alone wrote.
+    class NaNOnRank1(Callback):
+        def before_batch(self):
+            if self.learn.training and rank == 1 and self.learn.iter == 9: self.learn.xb = (self.xb[0] * float('nan'),)
+    nan_learn = _learner(_dls(fm, BS // world), _model(), path=out / f'nan_rank{rank}',
+                         cbs=[SaveModelCallback(every_n_batches=4), TerminateOnNaNCallback(check_every=2), NaNOnRank1()])
+    with warnings.catch_warnings(), nan_learn.no_logging():
+        warnings.simplefilter('ignore', RuntimeWarning)
+        nan_learn.fit(1)
+    result['nan_bad_batch'] = list(nan_learn.terminate_on_na_n.bad_batch)
+    result['nan_message'] = nan_learn.terminate_on_na_n.message
+    result['nan_weights'] = torch.cat([t.flatten().float() for t in nan_learn.model.state_dict().values()]).tolist()
 
     # The command line, as `torchrun -m learnkit train` runs it (simple_cnn with BatchNorm), then a validation
     # of its final weights on the whole validation set by this rank alone.

@@ -36,8 +36,8 @@ What the callback does, and the choices behind it:
   combined across ranks at the end of each epoch's training, GradientStats' dead-unit windows as they close,
   so every rank reads the statistics of the global batches.
 - Checkpoints: only rank 0 writes them. When SaveModelCallback loads the best epoch back at the end of fit,
-  rank 0 sends the file's bytes to the other ranks (which may not see its files), so every rank ends with the
-  same weights.
+  or TerminateOnNaNCallback the last good checkpoint, rank 0 sends the file's bytes to the other ranks (which
+  may not see its files), so every rank ends with the same weights.
 - Display: only rank 0 shows the progress bar and per-epoch lines. Callbacks that write files (checkpoints,
   CSV, TensorBoard) or print reports check `is_rank0()` (or decorate the method with `rank0_only`).
 

@@ -70,7 +70,8 @@ class SaveModelCallback(TrackerCallback):
         if every_n_batches is not None and (not isinstance(every_n_batches, int) or every_n_batches < 1):
             raise ValueError(f"every_n_batches must be a positive int or None; got {every_n_batches!r}")
         self.fname, self.every_epoch, self.with_opt, self.every_n_batches = fname, every_epoch, with_opt, every_n_batches
-        self.last_saved, self.saved_best, self._best_written, self._epoch_start = None, False, False, None
+        self.last_saved, self.last_written, self.saved_best, self._best_written = None, None, False, False
+        self._epoch_start = None
 
     @property
     def last_name(self): return f'{self.fname}_last'
@@ -78,6 +79,7 @@ class SaveModelCallback(TrackerCallback):
     def before_fit(self):
         super().before_fit()
         self.saved_best = self._best_written = False
+        self.last_written = None
 
     def before_train(self):
         # A plain DataLoader draws its epoch order from the RNG now; mid-epoch checkpoints keep that state
@@ -113,6 +115,7 @@ class SaveModelCallback(TrackerCallback):
         "Write a checkpoint (rank 0 only); True if written."
         for cb in self.learn.cbs:
             if isinstance(cb, TerminateOnNaNCallback): cb.check()   # never checkpoint weights a NaN has reached
+        self.last_written = name  # by rank 0, on every rank: what TerminateOnNaN restores under DDP
         if not is_main_process(): return False
         self.last_saved = save_checkpoint(self.learn, name, self.with_opt, resume_at, self._epoch_start)
         return True
@@ -155,8 +158,10 @@ class TerminateOnNaNCallback(Callback):
     Every `check_every` batches the buffer is copied to pinned host memory without waiting (on a GPU), and
     the copy is read at a later batch once the device has made it; on the CPU it is read at once. So the fit
     stops at most `check_every` batches (plus the GPU's queue) after the bad one, and the batch it names is
-    still the first bad one. At the end of each training epoch, and before any checkpoint is written, every
-    flag so far is read (waiting for the device), so no checkpoint holds weights a bad batch has touched.
+    still the first bad one (under DDP, where every rank must stop at the same batch, a copy is read when the
+    next one is sent: at most 2 x `check_every` batches after). At the end of each training epoch, and before
+    any checkpoint is written, every flag so far is read (waiting for the device), so no checkpoint holds
+    weights a bad batch has touched.
     The message is issued as a RuntimeWarning and kept in `message`, the batch in `bad_batch` = (epoch,
     batch). Validation losses are not checked.
     """
@@ -179,8 +184,13 @@ class TerminateOnNaNCallback(Callback):
         self._flags[len(self._where)] = ~torch.isfinite(loss).all()
         self._where.append((self.learn.epoch, self.learn.iter, self._seen))
         self._seen += 1
-        if len(self._where) == self.check_every: self._send()
-        self._receive(wait=False)
+        # Under DDP every rank must stop at the same batch: each copy is read when the next one is sent, a window
+        # later (long done by then, so the wait costs nothing), rather than as soon as this rank's device made it.
+        ddp = isinstance(self.learn.model, DistributedDataParallel)
+        if len(self._where) == self.check_every:
+            if ddp: self._receive(wait=True)
+            self._send()
+        if not ddp: self._receive(wait=False)
 
     def after_train(self): self.check()
 
@@ -215,10 +225,13 @@ class TerminateOnNaNCallback(Callback):
 
     def _stop(self, epoch, batch, seen):
         self.bad_batch = (epoch, batch)
-        saver = next((cb for cb in self.learn.cbs if isinstance(cb, SaveModelCallback) and cb.last_saved), None)
+        saver = next((cb for cb in self.learn.cbs if isinstance(cb, SaveModelCallback) and cb.last_written), None)
         if saver is not None:
-            load_checkpoint(self.learn, saver.last_saved, with_opt=saver.with_opt, training_state=False)
-            kept = f"Restored the model and optimizer from {saver.last_saved}, the last checkpoint before it."
+            # Under DDP every rank stops at the same batch (the loss it checks is averaged over the ranks), and
+            # rank 0, which alone wrote the checkpoint, sends it to the others.
+            load = load_checkpoint_from_rank0 if isinstance(self.learn.model, DistributedDataParallel) else load_checkpoint
+            file = load(self.learn, saver.last_written, with_opt=saver.with_opt, training_state=False)
+            kept = f"Restored the model and optimizer from {file}, the last checkpoint before it."
         else:
             kept = ("No checkpoint was written before it, so the weights may now hold NaN/inf: add "
                     "SaveModelCallback(every_n_batches=N) to keep a good one.")
