@@ -97,8 +97,9 @@ def main():
     n_img = len(dls.train) * args.bs + args.n_valid
     ref = times['raw PyTorch loop']
     print(f"simple_cnn({'with' if args.bn else 'without'} batchnorm), device {device}, {args.threads} threads, "
-          f"{args.n_train} train + {args.n_valid} valid images, bs {args.bs}, {args.rounds} alternating rounds (medians; 'middle half' is the interquartile range of "
-          f"the per-round ratios: how much this machine's speed moved between rounds)")
+          f"{args.n_train} train + {args.n_valid} valid images, bs {args.bs}, {args.rounds} alternating rounds "
+          f"(medians; 'middle half' is the interquartile range of the per-round ratios: how much this machine's "
+          f"speed moved between rounds)")
     print(f"{'configuration':<46}{'epoch s':>9}{'img/s':>9}{'ratio':>8}{'middle half':>14}{'best':>7}"
           f"{'valid acc':>11}")
     for name, ts in times.items():

@@ -218,7 +218,7 @@ class TerminateOnNaNCallback(Callback):
             host, copied, where = self._reads[0]
             if copied is not None and not copied.query():
                 if not wait: return
-                copied.synchronize()  # sync-ok: epoch end or before a checkpoint
+                copied.synchronize()  # sync-ok: epoch end, before a checkpoint, or (DDP) a window-old copy
             self._reads.pop(0)
             bad = [w for w, flag in zip(where, host.tolist()) if flag]  # sync-ok: periodic, documented
             if bad: self._stop(*bad[0])
@@ -229,7 +229,8 @@ class TerminateOnNaNCallback(Callback):
         if saver is not None:
             # Under DDP every rank stops at the same batch (the loss it checks is averaged over the ranks), and
             # rank 0, which alone wrote the checkpoint, sends it to the others.
-            load = load_checkpoint_from_rank0 if isinstance(self.learn.model, DistributedDataParallel) else load_checkpoint
+            ddp = isinstance(self.learn.model, DistributedDataParallel)
+            load = load_checkpoint_from_rank0 if ddp else load_checkpoint
             file = load(self.learn, saver.last_written, with_opt=saver.with_opt, training_state=False)
             kept = f"Restored the model and optimizer from {file}, the last checkpoint before it."
         else:
