@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from .callback import CANCEL_EXCEPTIONS, Callback, DispatchTable, _name_origin, noop
 from .callbacks.core import GatherPredsCallback, TrainEvalCallback
@@ -230,10 +231,20 @@ class Learner:
         that names nothing and leaves the GPU unusable until the process restarts."""
         self._outputs_checked = True
         vocab, pred = getattr(self.dls, 'vocab', None), self.pred
-        if vocab is None or not _is_cross_entropy(self.loss_func): return
-        if isinstance(pred, torch.Tensor) and pred.ndim == 2 and pred.shape[1] < len(vocab):
-            raise ValueError(f"The model returns {pred.shape[1]} scores per item, but the data has {len(vocab)} "
-                             f"classes: build the model with n_out={len(vocab)} (dls.c).")
+        if not (_is_cross_entropy(self.loss_func) and isinstance(pred, torch.Tensor) and pred.ndim == 2): return
+        n_out = pred.shape[1]
+        if vocab is not None:
+            if n_out < len(vocab):
+                raise ValueError(f"The model returns {n_out} scores per item, but the data has {len(vocab)} "
+                                 f"classes: build the model with n_out={len(vocab)} (dls.c).")
+            return
+        # No vocab (plain torch loaders): the labels, when the dataset holds them on the host, read once per run.
+        for labels in (_host_labels(self.dls.train), _host_labels(self.dls.valid)):
+            if labels is None or not len(labels): continue
+            low, high = int(labels.min()), int(labels.max())  # sync-ok: host labels, once per run
+            if low < 0 or high >= n_out:
+                raise ValueError(f"The targets range over [{low}, {high}] but the model has n_out={n_out} outputs: "
+                                 f"build the model with n_out={high + 1}, or fix the labels.")
 
     def _do_backward(self): self.loss_grad.backward()
     def _do_step(self): self.opt.step()
@@ -418,6 +429,18 @@ def _item_as_batch(dls, item):
     return item[None]
 
 
+def _host_labels(dl):
+    """The integer class labels of a loader's dataset when they are on the host (a TensorDataset's last tensor,
+    or a torchvision-style `targets`), else None: read them costs no device sync."""
+    ds = getattr(dl, 'dataset', None)
+    labels = ds.tensors[-1] if isinstance(ds, TensorDataset) else getattr(ds, 'targets', None)
+    if isinstance(labels, (list, tuple)) and labels and isinstance(labels[0], int): labels = torch.tensor(labels)
+    if (not isinstance(labels, torch.Tensor) or labels.ndim != 1 or labels.is_floating_point()
+            or labels.device.type != 'cpu'):
+        return None
+    return labels
+
+
 def _is_cross_entropy(loss_func):
     return isinstance(loss_func, nn.CrossEntropyLoss) or getattr(loss_func, '__name__', '') == 'cross_entropy'
 
@@ -459,4 +482,4 @@ def _loss_error(e, learn):
             elif pred.ndim > targ.ndim + 1:
                 hint = ("The model's output has extra dimensions: end it with Flatten() (as simple_cnn does) "
                         "so it returns (batch, n_classes).")
-    return ValueError(f"loss_func {name} failed on {desc}: {e}. {hint}".rstrip())
+    return ValueError(f"loss_func {name} failed on {desc}: {str(e).rstrip('.')}. {hint}".rstrip())
