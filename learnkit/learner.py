@@ -226,9 +226,10 @@ class Learner:
         self.opt.zero_grad()
 
     def _check_outputs(self):
-        """Once per run, before the first loss: a classifier that returns fewer scores than the data has classes.
-        Read from shapes only (no sync). On CUDA the loss would fail on such targets with a device-side assert
-        that names nothing and leaves the GPU unusable until the process restarts."""
+        """Once per run, before the first loss: a classifier that returns fewer scores than the data has classes,
+        known from the loaders' vocab, or else from labels the datasets hold on the host. Nothing is read from
+        the device. On CUDA the loss would fail on such targets with a device-side assert that names nothing and
+        leaves the GPU unusable until the process restarts."""
         self._outputs_checked = True
         vocab, pred = getattr(self.dls, 'vocab', None), self.pred
         if not (_is_cross_entropy(self.loss_func) and isinstance(pred, torch.Tensor) and pred.ndim == 2): return
@@ -239,7 +240,7 @@ class Learner:
                                  f"classes: build the model with n_out={len(vocab)} (dls.c).")
             return
         # No vocab (plain torch loaders): the labels, when the dataset holds them on the host, read once per run.
-        for labels in (_host_labels(self.dls.train), _host_labels(self.dls.valid)):
+        for labels in (_host_labels(getattr(self.dls, 'train', None)), _host_labels(getattr(self.dls, 'valid', None))):
             if labels is None or not len(labels): continue
             low, high = int(labels.min()), int(labels.max())  # sync-ok: host labels, once per run
             if low < 0 or high >= n_out:
@@ -431,7 +432,7 @@ def _item_as_batch(dls, item):
 
 def _host_labels(dl):
     """The integer class labels of a loader's dataset when they are on the host (a TensorDataset's last tensor,
-    or a torchvision-style `targets`), else None: read them costs no device sync."""
+    or a torchvision-style `targets`), else None: reading them costs no device sync."""
     ds = getattr(dl, 'dataset', None)
     labels = ds.tensors[-1] if isinstance(ds, TensorDataset) else getattr(ds, 'targets', None)
     if isinstance(labels, (list, tuple)) and labels and isinstance(labels[0], int): labels = torch.tensor(labels)

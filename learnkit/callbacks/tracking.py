@@ -115,10 +115,10 @@ class SaveModelCallback(TrackerCallback):
         "Write a checkpoint (rank 0 only); True if written."
         for cb in self.learn.cbs:
             if isinstance(cb, TerminateOnNaNCallback): cb.check()   # never checkpoint weights a NaN has reached
-        self.last_written = name  # by rank 0, on every rank: what TerminateOnNaN restores under DDP
-        if not is_main_process(): return False
-        self.last_saved = save_checkpoint(self.learn, name, self.with_opt, resume_at, self._epoch_start)
-        return True
+        if is_main_process(): self.last_saved = save_checkpoint(self.learn, name, self.with_opt, resume_at,
+                                                                self._epoch_start)
+        self.last_written = name  # by rank 0, known on every rank: what TerminateOnNaN restores under DDP
+        return is_main_process()
 
 
 class EarlyStoppingCallback(TrackerCallback):
@@ -225,13 +225,14 @@ class TerminateOnNaNCallback(Callback):
 
     def _stop(self, epoch, batch, seen):
         self.bad_batch = (epoch, batch)
-        saver = next((cb for cb in self.learn.cbs if isinstance(cb, SaveModelCallback) and cb.last_written), None)
+        # Under DDP every rank stops at the same batch (the loss it checks is averaged over the ranks), and rank 0,
+        # which alone wrote the checkpoint, sends it to the others; alone, a process restores what it wrote.
+        ddp = isinstance(self.learn.model, DistributedDataParallel)
+        saver = next((cb for cb in self.learn.cbs if isinstance(cb, SaveModelCallback)
+                      and (cb.last_written if ddp else cb.last_saved)), None)
         if saver is not None:
-            # Under DDP every rank stops at the same batch (the loss it checks is averaged over the ranks), and
-            # rank 0, which alone wrote the checkpoint, sends it to the others.
-            ddp = isinstance(self.learn.model, DistributedDataParallel)
-            load = load_checkpoint_from_rank0 if ddp else load_checkpoint
-            file = load(self.learn, saver.last_written, with_opt=saver.with_opt, training_state=False)
+            if ddp: file = load_checkpoint_from_rank0(self.learn, saver.last_written, saver.with_opt, False)
+            else: file = load_checkpoint(self.learn, saver.last_saved, with_opt=saver.with_opt, training_state=False)
             kept = f"Restored the model and optimizer from {file}, the last checkpoint before it."
         else:
             kept = ("No checkpoint was written before it, so the weights may now hold NaN/inf: add "
