@@ -332,9 +332,9 @@ def check_cycles(data, th):
     it = a['iters'].tolist()  # sync-ok: CPU records, read on request
     for layer in _judged_layers(a['layer_names'], th):
         std, nz = a['std'][:, layer], a['near_zero'][:, layer]
-        ok = ~torch.isnan(nz)
-        # sync-ok: CPU records, read on request
-        std, nz, its = std[ok].tolist(), nz[ok].tolist(), [i for i, keep in zip(it, ok.tolist()) if keep]
+        ok = (~torch.isnan(nz)).tolist()  # sync-ok: CPU records, read on request
+        std, nz = std[ok].tolist(), nz[ok].tolist()  # sync-ok: CPU records, read on request
+        its = [i for i, keep in zip(it, ok) if keep]
         events = _cycles(std, nz, th)
         if not events: continue
         t0, p0, c0 = events[0]
