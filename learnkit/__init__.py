@@ -13,6 +13,10 @@ from .callbacks.activations import ActivationStats
 from .callbacks.batch_size import BatchSizeScheduler, GradientAccumulation, GradientNoiseScale, noise_scale_estimate
 from .callbacks.core import GatherPredsCallback, TrainEvalCallback
 from .callbacks.gradients import GradientStats
+from .callbacks.inputs import InputStats
+from .callbacks.outputs import OutputStats
+from .callbacks.weights import WeightStats
+from .callbacks.stats import StatsCallback
 from .callbacks.hooks import Hook, HookCallback, Hooks, hook_output, hook_outputs
 from .callbacks.logging import CSVLogger, TensorBoardCallback
 from .callbacks.mixed_precision import MixedPrecision
@@ -27,7 +31,8 @@ from .data import (Brightness, CategoryBlock, CenterCrop, Contrast, DataBlock, D
                    RandomResizedCrop, RandomSplitter, RegexLabeller, Resize, Rotate, TfmdDL, aug_transforms,
                    get_image_files, parent_label)
 from .datasets import fashion_mnist, fashion_mnist_tree
-from .diagnostics import ClassificationInterpretation, Finding, HealthReport, Thresholds, diagnose
+from .diagnostics import (ClassificationInterpretation, Finding, HealthMonitor, HealthReport, Thresholds, diagnose,
+                          health_cbs)
 from .experiments import Comparison, compare
 from .learner import Learner, default_callbacks, default_device
 from .metrics import AvgLoss, AvgMetric, AvgSmoothLoss, Metric, accuracy, error_rate
