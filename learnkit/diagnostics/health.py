@@ -306,11 +306,14 @@ _ORDER = ['inputs_degenerate', 'inputs_not_normalized', 'class_imbalance', 'prob
 _RANK = {c: i for i, c in enumerate(_ORDER)}
 
 
-def _explains(cause, effect):
+def _explains(cause, effect, position):
     if cause is effect or effect.check not in EXPLAINS.get(cause.check, ()): return False
     if (cause.check, effect.check) in SAME_LAYER and cause.layer != effect.layer: return False
-    if cause.check == effect.check:  # non-finite values, collapses: the earliest place explains the later ones
-        return (_first_batch(cause), _flow(cause)) < (_first_batch(effect), _flow(effect))
+    if cause.check == effect.check:
+        # Non-finite values, collapses: the earliest place explains the later ones; in one batch, the place earlier
+        # in the data's flow (the checks list layers in model order).
+        return ((_first_batch(cause), _flow(cause), position[id(cause)])
+                < (_first_batch(effect), _flow(effect), position[id(effect)]))
     return _RANK[cause.check] < _RANK[effect.check]
 
 
@@ -330,11 +333,12 @@ def link_causes(findings):
     as its `cause`; the findings come back ordered root causes first (errors, then warnings, each followed by
     what it explains), then the notes."""
     serious = [f for f in findings if f.severity != 'info']
+    position = {id(f): i for i, f in enumerate(findings)}
     linked = []
     for f in findings:
-        causes = [c for c in serious if _explains(c, f)] if f.severity != 'info' else []
+        causes = [c for c in serious if _explains(c, f, position)] if f.severity != 'info' else []
         if causes:
-            best = min(causes, key=lambda c: (_RANK[c.check], _first_batch(c)))
+            best = min(causes, key=lambda c: (_RANK[c.check], _first_batch(c), position[id(c)]))
             f = Finding(**{**f.__dict__, 'cause': best.key})
         linked.append(f)
     by_key = {f.key: f for f in linked}
