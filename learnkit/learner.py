@@ -16,7 +16,7 @@ from .callbacks.core import GatherPredsCallback, TrainEvalCallback
 from .callbacks.progress import ProgressCallback
 from .callbacks.recorder import Recorder
 from .callbacks import distributed, mixed_precision, schedule
-from . import checkpoint
+from . import checkpoint, graph_mode
 from .metrics import as_metric
 from .optimizer import Adam, OptimWrapper, as_opt_func
 
@@ -160,9 +160,11 @@ class Learner:
         return [lr.stop / 10] * (n - 1) + [lr.stop]
 
     # ---- the loop -------------------------------------------------------------------------------
-    def fit(self, n_epoch, lr=None, wd=None, cbs=None, reset_opt=False, start_epoch=0, resume=None):
+    def fit(self, n_epoch, lr=None, wd=None, cbs=None, reset_opt=False, start_epoch=0, resume=None, graph=False):
         """Train for `n_epoch` epochs at a constant `lr` (default `self.lr`), with temporary callbacks `cbs`.
-        `resume='last'` (or a checkpoint path) continues an interrupted fit exactly; see `ResumeCallback`."""
+        `resume='last'` (or a checkpoint path) continues an interrupted fit exactly; see `ResumeCallback`.
+        `graph=True` captures the training step once as a CUDA graph and replays it for every batch (on the CPU the
+        same step runs without capture); see `learnkit.graph_mode` for what it supports."""
         lr = self.lr if lr is None else lr
         if lr is None:
             raise ValueError("No learning rate: pass lr to fit (or lr_max to fit_one_cycle), or build "
@@ -170,6 +172,7 @@ class Learner:
         if not isinstance(n_epoch, int) or n_epoch < 1:
             raise ValueError(f"n_epoch must be a positive int; got {n_epoch!r}")
         if resume is not None: cbs = _listify(cbs) + [checkpoint.ResumeCallback(resume)]
+        cbs = graph_mode.with_graph_mode(self, cbs, graph)
         with self._run_context(cbs):
             if reset_opt or self.opt is None: self.create_opt()
             if wd is not None: self.opt.set_hyper('wd', wd)
@@ -190,7 +193,8 @@ class Learner:
         self.dl = self.dls.train
         if hasattr(self.dl, '__len__') and len(self.dl) == 0:
             raise ValueError(_empty_loader_message(self.dl))
-        self._with_events(self._all_batches, 'train')
+        graph = getattr(self, 'graph_mode', None)  # fit(graph=True): the replayed step replaces the batch loop
+        self._with_events(self._all_batches if graph is None else graph.train_epoch, 'train')
 
     def _do_epoch_validate(self, dl=None):
         self.dl = self.dls.valid if dl is None else dl
@@ -330,16 +334,16 @@ class Learner:
 
     # ---- features: short delegations to their modules --------------------------------------------
     def fit_one_cycle(self, n_epoch, lr_max=None, div=25., div_final=1e5, pct_start=0.25, wd=None, moms=None,
-                      cbs=None, reset_opt=False, start_epoch=0, resume=None):
+                      cbs=None, reset_opt=False, start_epoch=0, resume=None, graph=False):
         "1cycle training; see `learnkit.callbacks.schedule.fit_one_cycle`."
         return schedule.fit_one_cycle(self, n_epoch, lr_max, div, div_final, pct_start, wd, moms, cbs,
-                                      reset_opt, start_epoch, resume)
+                                      reset_opt, start_epoch, resume, graph)
 
     def fit_flat_cos(self, n_epoch, lr=None, div_final=1e5, pct_start=0.75, wd=None, cbs=None, reset_opt=False,
-                     start_epoch=0, resume=None):
+                     start_epoch=0, resume=None, graph=False):
         "Flat lr, then cosine annealing; see `learnkit.callbacks.schedule.fit_flat_cos`."
         return schedule.fit_flat_cos(self, n_epoch, lr, div_final, pct_start, wd, cbs, reset_opt, start_epoch,
-                                     resume)
+                                     resume, graph)
 
     def lr_find(self, start_lr=1e-7, end_lr=10, num_it=100, stop_div=True, show_plot=True):
         "The learning-rate finder; returns SuggestedLRs(valley, minimum, steep). Weights are left unchanged."

@@ -78,7 +78,8 @@ class OptimWrapper:
     def n_groups(self): return len(self.torch_groups_of)
 
     def set_hyper(self, k, v):
-        "Set hyper-parameter `k` (fastai name) to `v`, a number or one value per parameter group."
+        """Set hyper-parameter `k` (fastai name) to `v`, a number or one value per parameter group. A 0-d tensor is kept
+        as it is, not read: graph mode (`learnkit.graph_mode`) gives the groups device tensors it updates in place."""
         name = self.names.get(k)
         if name is None: raise KeyError(f"Unknown hyper-parameter {k!r}; this optimizer has {sorted(self.names)}")
         vals = _broadcast(v, self.n_groups, k)
@@ -127,9 +128,9 @@ def _first(v): return v[-1] if isinstance(v, (list, tuple)) else v
 
 
 def _broadcast(v, n, k):
-    "One value per parameter group from a number, a 0-d array, or a sequence of n values."
+    "One value per parameter group from a number, a 0-d array, or a sequence of n values (0-d tensors kept as they are)."
     if isinstance(v, (list, tuple)) or getattr(v, 'ndim', 0) > 0:
-        v = [float(x) for x in v]
+        v = [x if isinstance(x, torch.Tensor) else float(x) for x in v]
         if len(v) != n:
             raise ValueError(f"{k} has {len(v)} values but the optimizer has {n} parameter group(s); "
                              f"pass one value, or a splitter that makes {len(v)} groups")

@@ -9,6 +9,11 @@ __all__ = ['TrainEvalCallback', 'GatherPredsCallback']
 class TrainEvalCallback(Callback):
     "Switches the model between train and eval mode, and keeps `pct_train` and `train_iter`."
     order, run_valid = -10, False
+    graph_safe = True  # graph mode: no per-batch work; the counters advance at the end of the epoch
+
+    def graph_epoch_end(self, graph, start, stop):
+        self.learn.train_iter += stop - start
+        self.learn.pct_train += (stop - start) / (self.learn.n_iter * self.learn.n_epoch)
 
     def before_fit(self):
         self.learn.train_iter, self.learn.pct_train = 0, 0.

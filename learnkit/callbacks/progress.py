@@ -25,6 +25,7 @@ class ProgressCallback(Callback):
     bar never syncs the GPU on every batch. Without a terminal only the epoch lines are printed.
     """
     order = 60
+    graph_safe = True  # graph mode: no per-batch call; the batch bar is closed at the end of training
 
     def __init__(self, refresh=0.5):
         self.refresh = refresh

@@ -26,8 +26,11 @@ class Recorder(StatsCallback):
     valid_loss, metrics..., extra columns); `log` the last full row; `df` the whole table as a DataFrame.
     Other callbacks add columns by defining `epoch_columns()` returning `{name: value}`.
     It follows the statistics protocol (`learnkit.callbacks.stats`): its device records are the per-batch losses.
+    In graph mode (`learnkit.graph_mode`) the smoothed loss is written inside the captured step into a buffer row at
+    the device-side step index, and the epoch's rows join the records at its end.
     """
     order = 50
+    graph_safe = True
     record_schema = {'loss': 'per training batch, the smoothed (debiased) training loss',
                      'batch_loss': "per training batch, that batch's own loss (recovered from the smoothing)"}
 
@@ -67,6 +70,24 @@ class Recorder(StatsCallback):
         else:
             self._valid_loss.accumulate(self.learn)
             for m in self.learn.metrics: m.accumulate(self.learn)
+
+    def graph_setup(self, graph):
+        "Graph mode: a row per training step of the fit for the smoothed loss, and the average carried in from before."
+        start = self.smooth_loss.val if self.smooth_loss.val is not None else torch.zeros((), device=graph.device)
+        self._graph_smooth = graph.buffer(start.detach().float().clone())
+        self._graph_losses = graph.buffer(torch.zeros(graph.n_steps, device=graph.device))
+
+    def graph_after_loss(self, graph):
+        "Inside the captured step: AvgSmoothLoss's update, written at the step's row."
+        self._graph_smooth.copy_(torch.lerp(graph.loss, self._graph_smooth, self.smooth_loss.beta))
+        self._graph_losses.index_copy_(0, graph.step.view(1), self._graph_smooth.view(1))
+
+    def graph_epoch_end(self, graph, start, stop):
+        "The epoch's rows join the records (a device copy); lrs and moms come from the host's schedule tables."
+        self._raw_losses.extend(self._graph_losses[start:stop])
+        self.smooth_loss.val, self.smooth_loss.count = self._graph_smooth.clone(), self.smooth_loss.count + stop - start
+        self.lrs.extend(graph.hyper_values('lr', start, stop))
+        if 'mom' in self.learn.opt.names: self.moms.extend(graph.hyper_values('mom', start, stop))
 
     def after_validate(self):
         self._valid_results = [self._valid_loss.value] + [m.value for m in self.learn.metrics]

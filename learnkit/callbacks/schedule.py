@@ -83,12 +83,23 @@ def combined_cos(pct, start, middle, end):
 
 
 class ParamScheduler(Callback):
-    "Sets each hyper-parameter in `scheds` ({name: schedule}) before every training batch from `pct_train`."
+    """Sets each hyper-parameter in `scheds` ({name: schedule}) before every training batch from `pct_train`.
+    In graph mode the schedules are evaluated for every step of the fit before it starts (`graph_hypers`) and the
+    captured step reads them from a device table."""
     order, run_valid = 60, False
+    graph_safe = True
 
     def __init__(self, scheds): self.scheds = scheds
 
-    def before_fit(self): self.hps = {name: [] for name in self.scheds}
+    def before_fit(self): self.hps, self._graph_values = {name: [] for name in self.scheds}, {}
+
+    def graph_hypers(self, positions):
+        "Each scheduled hyper-parameter's value at each training position (`pct_train`) in `positions`, for graph mode."
+        self._graph_values = {name: [sched(p) for p in positions] for name, sched in self.scheds.items()}
+        return self._graph_values
+
+    def graph_epoch_end(self, graph, start, stop):
+        for name, values in self._graph_values.items(): self.hps[name].extend(values[start:stop])
 
     def before_batch(self):
         for name, sched in self.scheds.items():
@@ -98,7 +109,7 @@ class ParamScheduler(Callback):
 
 
 def fit_one_cycle(learn, n_epoch, lr_max=None, div=25., div_final=1e5, pct_start=0.25, wd=None, moms=None,
-                  cbs=None, reset_opt=False, start_epoch=0, resume=None):
+                  cbs=None, reset_opt=False, start_epoch=0, resume=None, graph=False):
     """Leslie Smith's 1cycle: lr warms up from lr_max/div to lr_max over `pct_start` of training with a
     cosine, then anneals to lr_max/div_final; momentum moves the other way between `moms`."""
     lr_max = learn.lr if lr_max is None else lr_max
@@ -114,11 +125,11 @@ def fit_one_cycle(learn, n_epoch, lr_max=None, div=25., div_final=1e5, pct_start
     scheds = {'lr': combined_cos(pct_start, lr_max / div, lr_max, lr_max / div_final),
               'mom': combined_cos(pct_start, *moms)}
     return learn.fit(n_epoch, lr=lr_max.tolist(), cbs=[ParamScheduler(scheds)] + _listify(cbs), wd=wd,  # sync-ok: a numpy array, once per fit
-                     start_epoch=start_epoch, resume=resume)
+                     start_epoch=start_epoch, resume=resume, graph=graph)
 
 
 def fit_flat_cos(learn, n_epoch, lr=None, div_final=1e5, pct_start=0.75, wd=None, cbs=None, reset_opt=False,
-                 start_epoch=0, resume=None):
+                 start_epoch=0, resume=None, graph=False):
     "Constant lr for `pct_start` of training, then cosine annealing to lr/div_final."
     lr = learn.lr if lr is None else lr
     if lr is None: raise ValueError("fit_flat_cos needs a learning rate: pass lr, or Learner(lr=...)")
@@ -126,7 +137,7 @@ def fit_flat_cos(learn, n_epoch, lr=None, div_final=1e5, pct_start=0.75, wd=None
     lr = np.array(learn.lr_values(lr), dtype=float)
     scheds = {'lr': combine_scheds([pct_start, 1 - pct_start], [SchedNo(lr, lr), SchedCos(lr, lr / div_final)])}
     return learn.fit(n_epoch, lr=lr.tolist(), cbs=[ParamScheduler(scheds)] + _listify(cbs), wd=wd,  # sync-ok: a numpy array, once per fit
-                     start_epoch=start_epoch, resume=resume)
+                     start_epoch=start_epoch, resume=resume, graph=graph)
 
 
 def _listify(cbs):

@@ -147,6 +147,21 @@ class TfmdDL:
         gather = cache.gather_pinned if self.device.type == 'cuda' else cache.gather
         return map(self._finish, self._to_device(map(gather, idxs)))
 
+    def device_batches(self):
+        """For a loop that gathers its batches itself (graph mode, `learnkit.graph_mode`): when the items are cached on
+        `device`, start the next epoch as iterating would and return `(order, make_batch)`: the epoch's full batches of
+        item indices as an (n, bs) int64 tensor on `device` (from the resume batch on; a last partial batch is left
+        out) and `make_batch(idx)`, which gathers and transforms the batch of the indices `idx` with device ops alone.
+        None, and no epoch started, when the items are not cached on `device` (then iterate the loader)."""
+        cache = self.source.load()
+        if cache is None or cache.place(self.device, self.device_cache_budget) != self.device: return None
+        epoch, start = self._next_epoch()
+        order = self.order(epoch)
+        n = len(order) // self.bs
+        order = order[:n * self.bs].view(n, self.bs)[start:]
+        if self.device.type == 'cuda': order = order.pin_memory().to(self.device, non_blocking=True)  # no host wait
+        return order, lambda idx: self._finish(cache.gather(idx))
+
     def _to_device(self, host_batches):
         if self.device.type != 'cuda':
             for xb, yb in host_batches: yield xb.to(self.device), yb.to(self.device)
