@@ -39,11 +39,12 @@ TrainEval, Recorder, ProgressCallback and ParamScheduler are graph-safe; a callb
 needs nothing. Not yet graph-safe: ActivationStats, GradientStats and the other recorders of the health report,
 MixedPrecision, LRFinder, DDP.
 
-Warm-up and capture (CUDA). Following torch's whole-network capture recipe: a few warm-up steps on a side stream
-(cuDNN and the allocator settle), then everything they changed (weights, BatchNorm statistics, optimizer state,
-callback buffers, counters) is put back, the gradients are set to None so backward allocates them inside the graph's
-memory pool, and one step is captured. This happens at the first training step of each fit, and costs a few
-hundredths of a second; the replays then leave the model, the optimizer and the records exactly as eager steps would.
+Warm-up and capture. At the first training step of each fit, a few warm-up steps run on that batch, then everything
+they changed (weights, BatchNorm statistics, optimizer state, the callbacks' registered buffers, the counters) is put
+back. On CUDA this is torch's whole-network capture recipe: the warm-up runs on a side stream (cuDNN and the allocator
+settle), the gradients are then set to None so that backward allocates them inside the graph's memory pool, and one
+step is captured; each fit pays this once (a few hundredths of a second). Elsewhere the warm-up serves no purpose but
+runs all the same, so that the CPU tests, which hold graph mode to the ordinary loop's weights, cover it too.
 
 Other limits. One input and one target per batch. BatchNorm with `momentum=None` reads its batch count on the host
 and cannot be captured. The optimizer must be torch's Adam or AdamW without amsgrad or maximize.
@@ -136,7 +137,7 @@ class GraphStep:
         self.n_iter = len(dl)
         self.n_steps = self.n_iter * learn.n_epoch
         self.xb = self.yb = self.pred = self.loss = None
-        self.skipped, self._last_step, self._graph, self._feeder, self._buffers = 0, None, None, None, []
+        self.skipped, self._last_step, self._run, self._graph, self._feeder, self._buffers = 0, None, None, None, None, []
         self._adam = self._hypers = None
         self.step = self.buffer(torch.zeros((), dtype=torch.int64, device=self.device))
         self.batch = self.buffer(torch.zeros((), dtype=torch.int64, device=self.device))
@@ -185,12 +186,16 @@ class GraphStep:
         for cb in self._epoch_end: cb.graph_epoch_end(self, first, first + n)
 
     def _run_step(self):
-        if not self.capturing:
+        if self._run is None: self._run = self._capture() if self.capturing else self._eager()
+        self._run()
+
+    def _eager(self):
+        "Without capture: warm up as before a capture (so the CPU tests cover it), then run the step each batch."
+        self._warm_up()
+        def step():
             self._step()
             self.learn.opt.zero_grad()  # as the Learner does after each step: backward makes fresh gradients
-            return
-        if self._graph is None: self._graph = self._capture()
-        self._graph.replay()
+        return step
 
     def _step(self):
         "One training step on static tensors, device ops only: what the CUDA graph captures."
@@ -216,22 +221,26 @@ class GraphStep:
         self.batch.add_(1)
 
     def _capture(self):
-        "Warm up on a side stream, put back what warm-up changed, and capture one step (torch's recipe)."
-        dev, state = self.device, self._state()
-        saved = [t.detach().clone() for t in state]
+        "Warm up on a side stream and capture one step (torch's recipe); returns the graph's replay."
+        dev = self.device
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_STEPS):
-                self._step()
-                self.learn.opt.zero_grad()
+        with torch.cuda.stream(side): self._warm_up()
         torch.cuda.current_stream(dev).wait_stream(side)
+        self.learn.opt.zero_grad()  # gradients None: backward allocates them in the graph's pool, as torch advises
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph): self._step()
+        return self._graph.replay
+
+    def _warm_up(self):
+        "A few steps on this batch, then everything they changed put back as it was."
+        state = self._state()
+        saved = [t.detach().clone() for t in state]
+        for _ in range(WARMUP_STEPS):
+            self._step()
+            self.learn.opt.zero_grad()
         with torch.no_grad():
             for t, s in zip(state, saved): t.copy_(s)
-        self.learn.opt.zero_grad()  # gradients None: backward allocates them in the graph's pool, as torch advises
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph): self._step()
-        return graph
 
     def _state(self):
         "Every tensor a step changes: weights, buffers (BatchNorm statistics), optimizer state, callback buffers."
@@ -242,7 +251,7 @@ class GraphStep:
         "Give the optimizer back its plain numbers and where torch keeps its step counts; drop the graph."
         if self._hypers is not None: self._hypers.restore(self._last_step)
         if self._adam is not None: self._adam.restore()
-        self._graph = self._adam = self._hypers = self._feeder = None
+        self._run = self._graph = self._adam = self._hypers = self._feeder = None
         self.xb = self.yb = self.pred = self.loss = None
 
 

@@ -15,6 +15,8 @@ from learnkit.callbacks.gradients import GradientStats
 from learnkit.callbacks.hooks import Hook
 from learnkit.callbacks.mixed_precision import MixedPrecision
 from learnkit.data import DataLoaders, Normalize
+from learnkit.diagnostics import health_cbs
+from learnkit.graph_mode import GraphMode
 from learnkit.models import simple_cnn
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
@@ -268,3 +270,58 @@ def test_batched_reads_on_cuda_record_what_per_layer_reads_record(fmnist, setup)
         stats[batched] = acts.stats
     for k in ('mean', 'std'): torch.testing.assert_close(stats[None][k], stats[False][k], rtol=1e-3, atol=1e-5)
     for k in ('near_zero', 'hist'): assert torch.equal(stats[None][k], stats[False][k]), k
+
+
+@cuda
+def test_a_fit_with_the_health_report_callbacks_never_syncs_inside_a_batch(fmnist):
+    "Issue 19: health_cbs() with the progress bar off; the monitor checks at epoch ends only (check_every=None)."
+    torch.manual_seed(0)
+    learn = cuda_learner(fmnist)
+    with learn.no_bar(): learn.fit_one_cycle(2, 1e-2, cbs=[SyncCheck(), *health_cbs(check_every=None, show=False)])
+    assert learn.recorder.values[-1][2] > 0.5
+    assert learn.activation_stats.stats['mean'].isfinite().all()
+
+
+# ---- graph mode on a GPU: captured once, replayed per batch ---------------------------------------------------------
+class TrainingSyncCheck(Callback):
+    """CUDA's sync detector at 'error' through every training phase after the first (whose first step warms up and
+    captures the graph) and through the validation batches. Graph-safe: in graph mode its before_batch runs for
+    validation batches only."""
+    order, graph_safe = -100, True
+
+    def before_train(self):
+        if self.learn.epoch > 0: torch.cuda.set_sync_debug_mode('error')
+    def before_batch(self): torch.cuda.set_sync_debug_mode('error')
+    def after_train(self): torch.cuda.set_sync_debug_mode(0)
+    def after_validate(self): torch.cuda.set_sync_debug_mode(0)
+    def cleanup_fit(self): torch.cuda.set_sync_debug_mode(0)
+
+
+@cuda
+def test_graph_mode_replays_without_a_sync_and_ends_at_the_eager_accuracy(fmnist):
+    accs = {}
+    for graph in (False, True):
+        torch.manual_seed(0)
+        learn = cuda_learner(fmnist, n=8192)
+        with learn.no_bar(): learn.fit_one_cycle(3, 1e-2, graph=graph, cbs=TrainingSyncCheck() if graph else None)
+        accs[graph] = learn.recorder.values[-1][2]
+        assert len(learn.recorder.losses) == 3 * len(learn.dls.train)
+        assert all(isinstance(h['lr'], float) for h in learn.opt.hypers)
+    assert accs[False] > 0.75, accs
+    assert abs(accs[True] - accs[False]) <= 0.02, accs
+
+
+@cuda
+def test_the_captured_step_trains_as_the_same_step_run_eagerly_and_as_fit(fmnist):
+    """GraphMode(capture=False) runs the very step the graph captures, eagerly: after an epoch of 1cycle the weights
+    and the recorded losses agree closely (deterministic cuDNN). The ordinary loop (torch's fused Adam) agrees too."""
+    runs = {}
+    for name, cbs in (('eager step', GraphMode(capture=False)), ('captured', GraphMode(capture=True)), ('fit', None)):
+        torch.manual_seed(0)
+        learn = cuda_learner(fmnist, n=2048)
+        with learn.no_bar(), torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
+            learn.fit_one_cycle(1, 1e-2, cbs=cbs)
+        runs[name] = ([p.detach().clone() for p in learn.model.parameters()], torch.tensor(learn.recorder.losses))
+    for a, b in zip(runs['captured'][0], runs['eager step'][0]): torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(runs['captured'][1], runs['eager step'][1], rtol=1e-5, atol=1e-6)
+    for a, b in zip(runs['captured'][0], runs['fit'][0]): torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
