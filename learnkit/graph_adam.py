@@ -80,7 +80,8 @@ class GraphAdam:
             torch._foreach_add_(exp_avgs, torch._foreach_mul(grads, 1 - beta1))
         else: torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
-        if isinstance(beta2, torch.Tensor): torch._foreach_addcmul_(exp_avg_sqs, torch._foreach_mul(grads, 1 - beta2), grads)
+        if isinstance(beta2, torch.Tensor):
+            torch._foreach_addcmul_(exp_avg_sqs, torch._foreach_mul(grads, 1 - beta2), grads)
         else: torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
         denom = torch._foreach_sqrt(exp_avg_sqs)
         torch._foreach_div_(denom, bias2_sqrt)

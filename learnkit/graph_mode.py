@@ -64,8 +64,10 @@ _STEP_HOOKS = ('graph_after_loss', 'graph_before_step', 'graph_after_step')
 
 def graph_unsafe(cbs):
     "The callbacks in `cbs` that do host work at training batches and do not declare `graph_safe = True`."
-    return [cb for cb in cbs if cb.run and cb.run_train and not getattr(cb, 'graph_safe', False)
-            and INNER_LOOP_EVENTS & set(event_methods(cb))]
+    return [cb for cb in cbs if cb.run and cb.run_train and not getattr(cb, 'graph_safe', False) and _batch_events(cb)]
+
+
+def _batch_events(cb): return sorted(INNER_LOOP_EVENTS & set(event_methods(cb)))
 
 
 def with_graph_mode(learn, cbs, graph):
@@ -93,8 +95,7 @@ class GraphMode(Callback):
     def before_fit(self):
         unsafe = graph_unsafe(self.learn.cbs)
         if unsafe:
-            names = ', '.join(f"{type(cb).__name__} (learn.{cb.name}: {', '.join(sorted(INNER_LOOP_EVENTS & set(event_methods(cb))))})"
-                              for cb in unsafe)
+            names = ', '.join(f"{type(cb).__name__} (learn.{cb.name}: {', '.join(_batch_events(cb))})" for cb in unsafe)
             raise ValueError(f"fit(graph=True) cannot run {names}: these callbacks work on the host at every training "
                              "batch and do not declare `graph_safe`. Remove them (learn.remove_cb) or fit without "
                              "graph=True; see learnkit.graph_mode for the graph-safe callback contract.")
@@ -137,11 +138,12 @@ class GraphStep:
         self.n_iter = len(dl)
         self.n_steps = self.n_iter * learn.n_epoch
         self.xb = self.yb = self.pred = self.loss = None
-        self.skipped, self._last_step, self._run, self._graph, self._feeder, self._buffers = 0, None, None, None, None, []
+        self.skipped, self._last_step, self._buffers = 0, None, []
+        self._run = self._graph = self._feeder = None
         self._adam = self._hypers = None
         self.step = self.buffer(torch.zeros((), dtype=torch.int64, device=self.device))
         self.batch = self.buffer(torch.zeros((), dtype=torch.int64, device=self.device))
-        cbs = sorted(learn.cbs, key=lambda c: c.order)
+        cbs = sorted((cb for cb in learn.cbs if cb.run and cb.run_train), key=lambda c: c.order)
         self._hooks = {name: [getattr(cb, name) for cb in cbs if hasattr(cb, name)] for name in _STEP_HOOKS}
         self._epoch_end = [cb for cb in cbs if hasattr(cb, 'graph_epoch_end')]
         self._adam = GraphAdam(learn.opt)
@@ -233,14 +235,15 @@ class GraphStep:
         return self._graph.replay
 
     def _warm_up(self):
-        "A few steps on this batch, then everything they changed put back as it was."
+        """A few runs of this first step, each followed by putting back everything it changed (so the counters stay
+        within the tables, and the fit starts as it would have)."""
         state = self._state()
         saved = [t.detach().clone() for t in state]
         for _ in range(WARMUP_STEPS):
             self._step()
             self.learn.opt.zero_grad()
-        with torch.no_grad():
-            for t, s in zip(state, saved): t.copy_(s)
+            with torch.no_grad():
+                for t, s in zip(state, saved): t.copy_(s)
 
     def _state(self):
         "Every tensor a step changes: weights, buffers (BatchNorm statistics), optimizer state, callback buffers."
