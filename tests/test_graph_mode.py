@@ -62,10 +62,11 @@ def test_graph_mode_trains_1cycle_as_fit_one_cycle_does(fmnist):
 
 
 def test_graph_mode_copies_batches_of_plain_torch_loaders_and_carries_on_from_an_eager_fit(fmnist):
-    "Plain torch loaders: each batch is copied into static buffers. The optimizer state carries over both ways."
-    eager = trained(torch_dls(fmnist, 320, 64), fit='fit', n_epoch=1, lr=1e-3)
+    """Plain torch loaders: each batch is copied into static buffers. The optimizer state carries over both ways.
+    channels_last: the step converts its static input as the Learner converts its batches."""
+    eager = trained(torch_dls(fmnist, 320, 64), fit='fit', n_epoch=1, lr=1e-3, channels_last=True)
     trained(None, fit='fit', n_epoch=1, lr=1e-3, learn=eager)
-    graph = trained(torch_dls(fmnist, 320, 64), fit='fit', n_epoch=1, lr=1e-3)
+    graph = trained(torch_dls(fmnist, 320, 64), fit='fit', n_epoch=1, lr=1e-3, channels_last=True)
     trained(None, fit='fit', n_epoch=1, lr=1e-3, learn=graph, graph=True)
     assert_same_training(graph, eager)
 
