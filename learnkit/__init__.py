@@ -30,6 +30,7 @@ from .data import (Brightness, CategoryBlock, CenterCrop, Contrast, DataBlock, D
                    GrandparentSplitter, ImageBlock, IndexSplitter, Normalize, PILImage, PILImageBW, RandomCrop,
                    RandomResizedCrop, RandomSplitter, RegexLabeller, Resize, Rotate, TfmdDL, aug_transforms,
                    get_image_files, parent_label)
+from .data.specs import register_transform
 from .datasets import fashion_mnist, fashion_mnist_tree
 from .diagnostics import (ClassificationInterpretation, Finding, HealthMonitor, HealthReport, Thresholds, diagnose,
                           health_cbs)

@@ -358,9 +358,9 @@ class Learner:
         checkpoint.load_checkpoint(self, name, with_opt=with_opt)
         return self
 
-    def export(self, path='export.pth'):
-        "Write weights, model spec, vocab and normalisation to `path/{path}` for `load_learner`."
-        return checkpoint.export_learner(self, path)
+    def export(self, path='export.pth', with_tfms=True):
+        "Write weights, model spec, vocab and the validation transforms to `path/{path}`; see `export_learner`."
+        return checkpoint.export_learner(self, path, with_tfms)
 
     def compile(self, **kwargs):
         """Compile the model in place with `torch.compile(**kwargs)` (mode, backend, dynamic...): `learn.model`
