@@ -116,7 +116,6 @@ def freeze_to(learn, n):
         for p in g:
             if id(p) not in keep: p.requires_grad_(False)
     learn.opt.zero_grad()
-    return learn
 
 
 def fine_tune(learn, epochs, base_lr=2e-3, freeze_epochs=1, lr_mult=100, pct_start=0.3, div=5.0, **kwargs):
@@ -132,4 +131,3 @@ def fine_tune(learn, epochs, base_lr=2e-3, freeze_epochs=1, lr_mult=100, pct_sta
     base_lr /= 2
     learn.unfreeze()
     learn.fit_one_cycle(epochs, slice(base_lr / lr_mult, base_lr), pct_start=pct_start, div=div, **kwargs)
-    return learn
