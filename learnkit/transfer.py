@@ -43,20 +43,20 @@ def vision_learner(dls, arch, n_out=None, pretrained=True, weights=None, loss_fu
     if n_in is None: n_in = _n_channels(dls)
     model = create_vision_model(arch, n_out, n_in=n_in, pretrained=pretrained, weights=weights, cut=cut,
                                 concat_pool=concat_pool, lin_ftrs=lin_ftrs, ps=ps)
-    if pretrained and normalize: add_imagenet_normalize(dls, n_in)
     learn = Learner(dls, model, loss_func=loss_func, metrics=metrics,
                     splitter=body_head_split if splitter is None else splitter, **learner_kwargs)
     learn.train_bn = train_bn
+    if pretrained and normalize: add_imagenet_normalize(dls, n_in)   # last: a call that fails leaves dls as it was
     if pretrained: learn.freeze()
     return learn
 
 
 def _n_classes(dls):
-    vocab = getattr(dls, 'vocab', None)
-    if vocab is None:
+    c = getattr(dls, 'c', None)   # learnkit's DataLoaders have a c when they have a vocab
+    if c is None:
         raise ValueError("vision_learner: n_out is not given and the loaders have no vocab (dls.c) to tell the number "
                          "of classes: pass n_out=<number of outputs>")
-    return len(vocab)
+    return c
 
 
 def _n_channels(dls):
@@ -99,16 +99,18 @@ def freeze_to(learn, n):
         raise ValueError("freeze needs parameter groups, and this Learner has no splitter: build it with "
                          "vision_learner, or Learner(..., splitter=f) where f(model) returns lists of parameters")
     groups = [list(g) for g in learn.splitter(learn.model)]
-    k = n if n >= 0 else len(groups) + n
-    if not 0 <= k < len(groups) or (n != 0 and k == 0):
-        raise ValueError(f"freeze_to({n}) on {len(groups)} parameter group(s) would freeze "
-                         f"{'every group' if k >= len(groups) else 'no group'}: pass n between 1 and "
-                         f"{len(groups) - 1} (or -1 for all but the last group), or 0 to unfreeze"
-                         if len(groups) > 1 else
-                         f"freeze_to({n}): the splitter gives 1 parameter group, so there is nothing to freeze but "
-                         "everything; pass a splitter that separates the body from the head (vision_learner does)")
+    n_groups = len(groups)
+    if n_groups == 1 and n != 0:
+        raise ValueError(f"freeze_to({n}): the splitter gives one parameter group, so freezing it would leave nothing "
+                         "to train; pass a splitter that separates the body from the head (vision_learner does)")
+    k = n if n >= 0 else n_groups + n
+    if not 0 <= k < n_groups or (n != 0 and k == 0):
+        raise ValueError(f"freeze_to({n}) would freeze {'every group' if k >= n_groups else 'no group'} of the "
+                         f"{n_groups}: pass 1 to {n_groups - 1} (-1: all but the last group), or 0 to unfreeze")
     for g in groups:
         for p in g: p.requires_grad_(True)
+    # On the learner's device first, so that Adam picks its fused CUDA kernel as it does when fit creates it.
+    learn.model.to(learn.device)
     learn.create_opt()  # over every parameter while all are trainable: OptimWrapper drops frozen ones
     train_bn = getattr(learn, 'train_bn', True)
     keep = {id(p) for m in learn.model.modules() if isinstance(m, norm_types) for p in m.parameters()} if train_bn else set()

@@ -235,7 +235,8 @@ def test_weights_never_download_and_a_missing_file_says_where_to_put_it(fmnist, 
 def test_what_vision_learner_cannot_guess_is_asked_for(fmnist, pretrained_file):
     with pytest.raises(ValueError, match='pass n_out='): vision_learner(torch_dls(fmnist, 64, 64), small_cnn, cut=CUT)
     with pytest.raises(ValueError, match='normalize=False'):
-        vision_learner(torch_dls(fmnist, 64, 64), small_cnn, n_out=10, weights=pretrained_file, cut=CUT)
+        vision_learner(torch_dls(fmnist, 64, 64), small_cnn, n_out=10, weights=pretrained_file, cut=CUT,
+                       loss_func=nn.CrossEntropyLoss())
     dls = task_dls(fmnist, SECOND, 64, 64)
     with pytest.raises(ValueError, match='no pooling layer'): vision_learner(dls, small_cnn, pretrained=False)
     learn = vision_learner(dls, small_cnn, pretrained=False, cut=CUT)
