@@ -209,10 +209,12 @@ def no_downloads(monkeypatch, tmp_path):
 
 def test_weights_never_download_and_a_missing_file_says_where_to_put_it(fmnist, no_downloads, resnet18_file):
     dls = task_dls(fmnist, SECOND, 64, 64, channels=3)
-    for weights in (None, 'IMAGENET1K_V1'):
-        with pytest.raises(FileNotFoundError) as e: vision_learner(dls, resnet18, weights=weights)
+    for arch, weights in ((resnet18, None), ('resnet18', 'IMAGENET1K_V1')):   # a torchvision function or name
+        with pytest.raises(FileNotFoundError) as e: vision_learner(dls, arch, weights=weights)
         assert 'resnet18-f37072fd.pth' in str(e.value) and str(no_downloads) in str(e.value)
     assert not any(isinstance(t, Normalize) for t in dls.train.batch_tfms)   # a failed call changes nothing
+    with pytest.raises(ValueError, match='never downloads'):
+        vision_learner(dls, functools.partial(resnet18, weights='DEFAULT'))
 
     with pytest.raises(FileNotFoundError, match='nowhere.pth'): vision_learner(dls, resnet18, weights='nowhere.pth')
     with pytest.raises(ValueError, match='no published pretrained weights'): vision_learner(dls, small_cnn, cut=CUT)

@@ -146,6 +146,20 @@ def _check_body_loaded(model: nn.Module, body: nn.Module, loaded: set[str], stat
                      f"other shapes ({detail}). Is it a state_dict of {label}, built the same way?")
 
 
+def _load_pretrained(model: nn.Module, weights, tv_name: str | None, label: str):
+    """Load the file `weights` stands for into `model`, its stem first given the file's channels. Returns what
+    `_check_body_loaded` needs: the names loaded, the file's state_dict and the file."""
+    if weights is None and tv_name is None:
+        raise ValueError(f"{label} has no published pretrained weights: pass weights='file.pth' (a state_dict of "
+                         f"{label}, saved with torch.save(model.state_dict(), ...)) or pretrained=False")
+    source = weights_file('DEFAULT' if weights is None else weights, tv_name)
+    state = read_state_dict(source, 'vision_learner')
+    if tv_name is not None: state = torchvision_state(tv_name, state)
+    stem_key = first_conv(model)[0] + '.weight'
+    if stem_key in state: adapt_first_conv(model, state[stem_key].shape[1], pretrained=False)  # the file's channels
+    return load_matching(model, state, source, 'vision_learner'), state, source
+
+
 def _vision_model(arch, n_out, n_in=3, pretrained=False, weights=None, cut=None, concat_pool=True, lin_ftrs=None,
                   ps=0.5):
     if weights is not None and not pretrained:
@@ -153,19 +167,10 @@ def _vision_model(arch, n_out, n_in=3, pretrained=False, weights=None, cut=None,
                          "weights, or weights=None for random ones")
     label, tv_name, build = _arch_builder(arch)
     model = build(n_in)
-    if pretrained:
-        if weights is None and tv_name is None:
-            raise ValueError(f"{label} has no published pretrained weights: pass weights='file.pth' (a state_dict of "
-                             f"{label}, saved with torch.save(model.state_dict(), ...)) or pretrained=False")
-        source = weights_file('DEFAULT' if weights is None else weights, tv_name)
-        state = read_state_dict(source, 'vision_learner')
-        if tv_name is not None: state = torchvision_state(tv_name, state)
-        stem_key = first_conv(model)[0] + '.weight'
-        if stem_key in state: adapt_first_conv(model, state[stem_key].shape[1], pretrained=False)  # the file's channels
-        loaded = load_matching(model, state, source, 'vision_learner')
+    loaded = _load_pretrained(model, weights, tv_name, label) if pretrained else None
     adapt_first_conv(model, n_in, pretrained=pretrained)
     body = create_body(model, cut, tv_name)
-    if pretrained: _check_body_loaded(model, body, loaded, state, source, label)
+    if loaded is not None: _check_body_loaded(model, body, *loaded, label)
     head = create_head(_n_features(body, n_in, label), n_out, lin_ftrs, ps, concat_pool)
     return nn.Sequential(body, head)
 
@@ -185,9 +190,12 @@ def _as_data(arch):
     fn, kwargs = (arch.func, arch.keywords) if isinstance(arch, functools.partial) and not arch.args else (arch, {})
     name = getattr(fn, '__name__', None)
     if name is not None and MODELS.get(name) is fn: return {'name': name, 'kwargs': dict(kwargs)}
-    if not kwargs and getattr(fn, '__module__', '').startswith('torchvision.models'):
+    if getattr(fn, '__module__', '').startswith('torchvision.models'):
+        if {'weights', 'pretrained'} & set(kwargs):   # torchvision would download them
+            raise ValueError(f"Pass the weights to vision_learner(weights=...), not to torchvision's {name}: learnkit "
+                             "reads them from a local file or torch's hub cache and never downloads")
         from torchvision import models
-        if name in models.list_models(module=models): return name
+        if not kwargs and name in models.list_models(module=models): return name
     return arch
 
 
