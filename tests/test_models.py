@@ -10,7 +10,7 @@ from torch import nn
 from learnkit.models import (MODELS, BatchNorm, ConvBN, DepthwiseSeparableConv, Flatten, ResBlock, SEBlock, conv,
                              get_model, init_cnn, register_model, simple_cnn, torchvision_model)
 
-CLASSIC = sorted(set(MODELS) - {'simple_cnn', 'torchvision_model'})
+CLASSIC = sorted(set(MODELS) - {'simple_cnn', 'torchvision_model', 'vision_model'})
 
 
 @pytest.fixture(scope='module')
