@@ -41,6 +41,8 @@ from .models import (MODELS, BatchNorm, ConvBN, DenseBlock, DepthwiseSeparableCo
                      SEBlock, alexnet, classifier_head, conv, densenet, get_model, googlenet, init_cnn, lenet, max_pool,
                      mobilenet, nin, nin_block, register_model, resnet18, resnet34, se_resnet, simple_cnn,
                      torchvision_model, transition, vgg, vgg_block)
+from .models.vision import IMAGENET_STATS, AdaptiveConcatPool2d, create_head, create_vision_model
 from .optimizer import SGD, Adam, OptimWrapper, RMSProp
+from .transfer import vision_learner
 
 __version__ = '0.1.0'
