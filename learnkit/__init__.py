@@ -30,11 +30,13 @@ from .datasets import fashion_mnist, fashion_mnist_tree
 from .diagnostics import ClassificationInterpretation, Finding, HealthReport, Thresholds, diagnose
 from .experiments import Comparison, compare
 from .learner import Learner, default_callbacks, default_device
+from .losses import CrossEntropyLossFlat
 from .metrics import AvgLoss, AvgMetric, AvgSmoothLoss, Metric, accuracy, error_rate
 from .models import (MODELS, BatchNorm, ConvBN, DenseBlock, DepthwiseSeparableConv, Flatten, Inception, ResBlock,
                      SEBlock, alexnet, classifier_head, conv, densenet, get_model, googlenet, init_cnn, lenet, max_pool,
                      mobilenet, nin, nin_block, register_model, resnet18, resnet34, se_resnet, simple_cnn,
                      torchvision_model, transition, vgg, vgg_block)
 from .optimizer import SGD, Adam, OptimWrapper, RMSProp
+from .torch_core import NoneReduce, find_bs, flatten_model, tensor, to_detach, unsqueeze
 
 __version__ = '0.1.0'
