@@ -32,6 +32,15 @@ def default_device():
     return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 
 
+def _detupled(name, doc):
+    "A property over the tuple attribute `name`: its one element (or the tuple if it has several); setting it sets it."
+    def get(self):
+        t = getattr(self, name)
+        return t[0] if len(t) == 1 else t
+    def set(self, v): setattr(self, name, v if isinstance(v, tuple) else (v,))
+    return property(get, set, doc=doc)
+
+
 class Learner:
     """Trains `model` on `dls` with `loss_func` and `opt_func`, running callbacks at each event.
 
@@ -437,21 +446,8 @@ class Learner:
         return diagnose(self, show=show, **thresholds)
 
     # ---- the batch and helpers under fastai's names ---------------------------------------------
-    @property
-    def x(self):
-        "The batch's input: `xb[0]`, or the tuple `xb` when the model takes several (fastai's `learn.x`)."
-        return _detuplify(self.xb)
-
-    @x.setter
-    def x(self, v): self.xb = v if isinstance(v, tuple) else (v,)
-
-    @property
-    def y(self):
-        "The batch's target: `yb[0]`, or the tuple `yb` when there are several (fastai's `learn.y`)."
-        return _detuplify(self.yb)
-
-    @y.setter
-    def y(self, v): self.yb = v if isinstance(v, tuple) else (v,)
+    x = _detupled('xb', "The batch's input: `xb[0]`, or the tuple `xb` when the model takes several (fastai's `x`).")
+    y = _detupled('yb', "The batch's target: `yb[0]`, or the tuple `yb` when there are several (fastai's `y`).")
 
     def to_detach(self, b, cpu=True, gather=True):
         "`b` detached from the graph, on the CPU with `cpu`, gathered across ranks with `gather`; see `torch_core`."
@@ -469,9 +465,6 @@ class Learner:
 def _listify(x):
     if x is None: return []
     return list(x) if isinstance(x, (list, tuple)) else [x]
-
-
-def _detuplify(t): return t[0] if len(t) == 1 else t
 
 
 def _channels_last(x):
