@@ -36,6 +36,7 @@ from .diagnostics import (ClassificationInterpretation, Finding, HealthMonitor, 
                           health_cbs)
 from .experiments import Comparison, compare
 from .learner import Learner, default_callbacks, default_device
+from .losses import CrossEntropyLossFlat
 from .metrics import AvgLoss, AvgMetric, AvgSmoothLoss, Metric, accuracy, error_rate
 from .models import (MODELS, BatchNorm, ConvBN, DenseBlock, DepthwiseSeparableConv, Flatten, Inception, ResBlock,
                      SEBlock, alexnet, classifier_head, conv, densenet, get_model, googlenet, init_cnn, lenet, max_pool,
@@ -43,6 +44,7 @@ from .models import (MODELS, BatchNorm, ConvBN, DenseBlock, DepthwiseSeparableCo
                      torchvision_model, transition, vgg, vgg_block)
 from .models.vision import IMAGENET_STATS, AdaptiveConcatPool2d, create_head, create_vision_model
 from .optimizer import SGD, Adam, OptimWrapper, RMSProp
+from .torch_core import NoneReduce, find_bs, flatten_model, tensor, to_detach, unsqueeze
 from .transfer import vision_learner
 
 __version__ = '0.1.0'

@@ -18,7 +18,9 @@ from .callbacks.recorder import Recorder
 from .callbacks import distributed, mixed_precision, schedule
 from . import checkpoint
 from .metrics import as_metric
+from .losses import CrossEntropyLossFlat
 from .optimizer import Adam, OptimWrapper, as_opt_func
+from .torch_core import to_detach
 
 __all__ = ['Learner', 'default_callbacks', 'default_device']
 
@@ -30,6 +32,15 @@ def default_device():
     return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 
 
+def _detupled(name, doc):
+    "A property over the tuple attribute `name`: its one element (or the tuple if it has several); setting it sets it."
+    def get(self):
+        t = getattr(self, name)
+        return t[0] if len(t) == 1 else t
+    def set(self, v): setattr(self, name, v if isinstance(v, tuple) else (v,))
+    return property(get, set, doc=doc)
+
+
 class Learner:
     """Trains `model` on `dls` with `loss_func` and `opt_func`, running callbacks at each event.
 
@@ -37,7 +48,11 @@ class Learner:
     or `DataLoaders(train_dl, valid_dl)` over plain torch DataLoaders. The model, loss and batches move
     to `device` (CUDA when available). `lr` is the default learning rate; `moms` the 1cycle momentums.
     `channels_last=True` keeps the model's 4-D weights and the 4-D input batches in torch.channels_last
-    memory format (faster convolutions on tensor-core GPUs, especially with `to_bf16()`).
+    memory format (faster convolutions on tensor-core GPUs, especially with `to_bf16()`); the Learner keeps that
+    choice as `memory_format`, leaving the name `learn.channels_last` to fastai's `ChannelsLast` callback.
+
+    As in fastai, an attribute the Learner does not have is its model's: `learn.parameters()`, and so a callback's
+    `self.parameters()`, are the model's (see `__getattr__`).
     """
     def __init__(self, dls, model, loss_func=None, opt_func=Adam, lr=1e-3, splitter=None, metrics=None,
                  cbs=None, wd=None, wd_bn_bias=False, moms=(0.95, 0.85, 0.95), path='.', model_dir='models',
@@ -54,17 +69,37 @@ class Learner:
         self.metrics = [as_metric(m) for m in _listify(metrics)]
         self.path, self.model_dir = Path(path), model_dir
         self.device = torch.device(device) if device is not None else default_device()
-        self.channels_last = channels_last
+        self.memory_format = torch.channels_last if channels_last else None
         self.opt, self.logger = None, print
         # Loop state, read by callbacks through self.learn (or directly, see Callback.__getattr__).
         self.training, self.epoch, self.n_epoch, self.start_epoch, self.start_batch = False, 0, 1, 0, 0
         self.iter, self.n_iter, self.train_iter, self.pct_train = 0, 0, 0, 0.
         self.dl, self.xb, self.yb, self.pred, self.loss, self.loss_grad = None, (), (), None, None, None
-        self.cbs, self._dispatch, self._outputs_checked = [], DispatchTable(), False
+        self.cbs, self._dispatch, self._outputs_checked, self._in_fit = [], DispatchTable(), False, False
         self.add_cbs([cb() for cb in default_callbacks] if default_cbs else [])
         self.add_cbs(cbs)
         if default_cbs: self.add_cbs(distributed.torchrun_callbacks(self.cbs))  # DDP when torchrun started us
         self('after_create')
+
+    # ---- what the Learner lacks is its model's (fastai's delegation) ----------------------------
+    def __getattr__(self, k):
+        """An attribute the Learner does not have is its model's, as in fastai: `learn.parameters()`, and a callback's
+        `self.parameters()` (callbacks hand what they lack to the Learner). Python calls this only when normal lookup
+        fails, so the Learner's own attributes and its callbacks come first. A name neither has raises an
+        AttributeError that names both."""
+        if isinstance(getattr(type(self), k, None), property):
+            return getattr(type(self), k).fget(self)    # the property itself failed: let its own error through
+        model = self.__dict__.get('model')
+        if k.startswith('_') or model is None:
+            raise AttributeError(f"'Learner' object has no attribute {k!r}", name=k, obj=self)
+        try: return getattr(model, k)
+        except AttributeError: pass
+        raise AttributeError(f"neither the Learner nor its model ({type(model).__name__}) has an attribute {k!r}",
+                             name=k, obj=self)
+
+    def _own_attr(self, k):
+        "The Learner's own attribute `k` (of the instance or its class, not the model's), or None."
+        return self.__dict__[k] if k in self.__dict__ else getattr(type(self), k, None)
 
     # ---- callbacks ------------------------------------------------------------------------------
     def __call__(self, event):
@@ -76,7 +111,7 @@ class Learner:
         if isinstance(cb, type): cb = cb()
         if not isinstance(cb, Callback):
             raise TypeError(f"Callbacks must subclass learnkit.Callback; got {cb!r}")
-        current = getattr(self, cb.name, None)
+        current = self._own_attr(cb.name)
         if current is not None and not isinstance(current, Callback):
             raise ValueError(f"Callback {type(cb).__name__} would be reachable as learn.{cb.name}, which would "
                              f"hide the Learner's own `{cb.name}`; give the class another name")
@@ -175,7 +210,11 @@ class Learner:
             if wd is not None: self.opt.set_hyper('wd', wd)
             self.opt.set_hyper('lr', self.lr_values(lr))
             self.n_epoch, self.start_epoch, self.epoch = n_epoch, start_epoch, start_epoch
-            self._with_events(self._do_fit, 'fit')
+            was_in_fit, self._in_fit = self._in_fit, True
+            try: self._with_events(self._do_fit, 'fit')
+            finally:
+                self._in_fit = was_in_fit
+                for cb in self.cbs: cb.run = True    # as in fastai, `run = False` lasts until the end of the fit
 
     def _do_fit(self):
         for epoch in range(self.start_epoch, self.n_epoch):
@@ -206,7 +245,7 @@ class Learner:
         batch = self._to_device(batch)
         n_inp = getattr(self.dls, 'n_inp', 1)
         self.xb, self.yb = tuple(batch[:n_inp]), tuple(batch[n_inp:])
-        if self.channels_last: self.xb = tuple(_channels_last(x) for x in self.xb)
+        if self.memory_format is not None: self.xb = tuple(_channels_last(x) for x in self.xb)
         self.pred = self.loss = self.loss_grad = None      # a cancelled batch leaves no stale loss behind
         self._with_events(self._do_one_batch, 'batch')
 
@@ -285,8 +324,7 @@ class Learner:
 
     def _prepare(self):
         "Put model, loss and data on the learner's device (cheap when they are there already)."
-        layout = torch.channels_last if self.channels_last else torch.preserve_format
-        self.model.to(self.device, memory_format=layout)
+        self.model.to(self.device, memory_format=self.memory_format or torch.preserve_format)
         if isinstance(self.loss_func, nn.Module): self.loss_func.to(self.device)
         if hasattr(self.dls, 'to'): self.dls.to(self.device)
 
@@ -371,9 +409,22 @@ class Learner:
         "Write the full training state to `path/model_dir/{name}.pth` atomically; see `learnkit.checkpoint`."
         return checkpoint.save_checkpoint(self, name, with_opt=with_opt)
 
-    def load(self, name, with_opt=True):
-        "Restore what `save` wrote, reading it safely (no unpickling); see `learnkit.checkpoint`."
-        checkpoint.load_checkpoint(self, name, with_opt=with_opt)
+    def load(self, name, with_opt=True, weights_only=True, training_state=None):
+        """Restore what `save` wrote, reading it safely (no unpickling); see `learnkit.checkpoint`.
+
+        `training_state` (the loop position, the callbacks' states, the RNG states, the loader's order) is restored
+        by default outside a fit, and not inside one, whose running loop owns them: a callback that loads the best
+        weights at `after_fit` (fastai's SaveModelCallback) gets the model and optimizer back, as in fastai.
+        `weights_only` is fastai's argument, and learnkit always reads as `torch.load(weights_only=True)` does:
+        `weights_only=False` allows unpickling, which learnkit never needs for the files it writes and never does, so
+        such a file loads the same; a file that would need unpickling raises `UnsafeCheckpointError` either way."""
+        if not isinstance(weights_only, bool):
+            raise TypeError(f"weights_only must be True or False; got {weights_only!r}")
+        if training_state is None: training_state = not self._in_fit
+        try: checkpoint.load_checkpoint(self, name, with_opt=with_opt, training_state=training_state)
+        except checkpoint.UnsafeCheckpointError as e:
+            if not weights_only: e.add_note("weights_only=False does not make learnkit unpickle: it never does.")
+            raise
         return self
 
     def export(self, path='export.pth', with_tfms=True):
@@ -412,6 +463,14 @@ class Learner:
         from .diagnostics.health import diagnose
         return diagnose(self, show=show, **thresholds)
 
+    # ---- the batch and helpers under fastai's names ---------------------------------------------
+    x = _detupled('xb', "The batch's input: `xb[0]`, or the tuple `xb` when the model takes several (fastai's `x`).")
+    y = _detupled('yb', "The batch's target: `yb[0]`, or the tuple `yb` when there are several (fastai's `y`).")
+
+    def to_detach(self, b, cpu=True, gather=True):
+        "`b` detached from the graph, on the CPU with `cpu`, gathered across ranks with `gather`; see `torch_core`."
+        return to_detach(b, cpu, gather)
+
     @property
     def smooth_loss(self):
         "The recorder's smoothed training loss (a device tensor)."
@@ -433,7 +492,7 @@ def _channels_last(x):
 def _default_loss(dls):
     loss = getattr(dls, 'loss_func', None)
     if loss is not None: return loss
-    if getattr(dls, 'vocab', None) is not None: return nn.CrossEntropyLoss()
+    if getattr(dls, 'vocab', None) is not None: return CrossEntropyLossFlat()
     raise ValueError("loss_func=None and the data loaders do not say which loss fits them: pass one, e.g. "
                      "Learner(dls, model, loss_func=nn.CrossEntropyLoss()) for classification.")
 
