@@ -316,10 +316,10 @@ class Learner:
         out = gather.result()
         preds = (act if act is not None else loss_activation(self.loss_func))(out[0])
         if not with_decoded: return (preds,) + out[1:]
-        classifier = getattr(self.dls, 'vocab', None) is not None or is_cross_entropy(self.loss_func)
-        return (preds, out[1], predictions.decode_preds(preds, self.loss_func, classifier, thresh)) + out[2:]
+        decoded = predictions.decode_preds(preds, self.loss_func, getattr(self.dls, 'vocab', None), thresh)
+        return (preds, out[1], decoded) + out[2:]
 
-    def predict(self, item, thresh=None):
+    def predict(self, item, *, thresh=None):
         """Predict one item as the data holds it, as fastai does: an image file's path, a PIL image, or an image
         tensor (uint8 0..255 or float in [0, 1]; (H, W) or (C, H, W)), e.g. `dls.valid.dataset[i][0]`. It is
         prepared as the validation loader prepares its batches (item transforms, scaling, Normalize; see

@@ -15,6 +15,7 @@ __all__ = ['is_cross_entropy', 'is_multi_label', 'loss_activation', 'decode_pred
 
 
 def is_cross_entropy(loss_func) -> bool:
+    "Whether `loss_func` is cross-entropy (`nn.CrossEntropyLoss` or `F.cross_entropy`): outputs are class scores."
     return isinstance(loss_func, nn.CrossEntropyLoss) or getattr(loss_func, '__name__', '') == 'cross_entropy'
 
 
@@ -43,12 +44,13 @@ def _threshold(loss_func, thresh):
     return thresh
 
 
-def decode_preds(probs, loss_func, classifier, thresh=None):
+def decode_preds(probs, loss_func, vocab=None, thresh=None):
     """Probabilities decoded as the targets are: a boolean multi-hot tensor (probability above the threshold) for
-    a multi-label loss, class indices (argmax) for a `classifier`, else the values as they are (regression)."""
+    a multi-label loss, class indices (argmax) for a classifier (a vocab, or a cross-entropy loss), else the
+    values as they are (regression)."""
     t = _threshold(loss_func, thresh)
     if t is not None: return probs > t
-    return probs.argmax(dim=-1) if classifier else probs
+    return probs.argmax(dim=-1) if vocab is not None or is_cross_entropy(loss_func) else probs
 
 
 def decode_item(probs, loss_func, vocab, thresh=None):

@@ -116,6 +116,7 @@ class MultiCategoryBlock:
 
     def _encoded(self, labels, items):
         c = len(self.vocab)
+        if c == 1: labels = [lab if isinstance(lab, (list, tuple)) else [lab] for lab in labels]  # ColReader(['a'])
         for lab, item in zip(labels, items):
             if not isinstance(lab, (list, tuple)) or len(lab) != c:
                 raise ValueError(f"MultiCategoryBlock(encoded=True): the labels of {item} are {lab!r}; each item needs "

@@ -118,7 +118,8 @@ class ImageDataLoaders(DataLoaders):
             there = sorted(p.name for p in Path(path).glob('*.csv')) if Path(path).is_dir() else None
             where = f"CSV files there: {there}" if there is not None else f"{path} is not a folder"
             raise FileNotFoundError(f"from_csv: no file {fn}; {where}. Pass csv_fname=...")
-        df = pd.read_csv(fn, header=header, delimiter=delimiter, quoting=quoting)
+        sep = {} if delimiter is None else {'delimiter': delimiter}  # an explicit None makes pandas sniff, slowly
+        df = pd.read_csv(fn, header=header, quoting=quoting, **sep)
         return cls.from_df(df, path=path, **kwargs)
 
     @classmethod
