@@ -309,7 +309,8 @@ class Learner:
         `with_decoded` adds them decoded as the targets are: class indices, or for a multi-label loss a boolean
         multi-hot tensor of the probabilities above `thresh` (default 0.5, or `loss_func.thresh`)."""
         if thresh is not None and not with_decoded:
-            raise ValueError("get_preds(thresh=...) sets the threshold of the decoded predictions: pass with_decoded=True")
+            raise ValueError("get_preds(thresh=...) sets the threshold of the decoded predictions: pass "
+                             "with_decoded=True too")
         dl = predictions.inference_loader(predictions.loader_for(self.dls, ds_idx)) if dl is None else dl
         gather = GatherPredsCallback(with_input=with_input, with_loss=with_loss)
         with self._run_context([gather] + _listify(cbs)), self.no_logging(): self._do_epoch_validate(dl)

@@ -182,7 +182,8 @@ def test_single_label_learner_refuses_a_threshold(data):
     root, df = data
     dls = ImageDataLoaders.from_df(df, root, folder='images', fn_col='image_id', label_col='label', bs=8, **CPU)
     learn = Learner(dls, tiny_model(3, 3))
-    with pytest.raises(ValueError, match='most probable class'): learn.predict(root / 'images' / df.image_id[30], thresh=.3)
+    with pytest.raises(ValueError, match='most probable class'):
+        learn.predict(root / 'images' / df.image_id[30], thresh=.3)
     preds, targs, decoded = learn.get_preds(with_decoded=True)
     assert torch.equal(decoded, preds.argmax(1)) and targs.dtype == torch.int64
 
@@ -253,6 +254,8 @@ def test_each_bad_input_is_named(data, tmp_path):
     with pytest.raises(TypeError, match=r"not a list of labels; split such cells into labels with label_delim"):
         DataBlock(blocks=(ImageBlock, MultiCategoryBlock), get_x=ColReader('image_id', pref=root / 'images'),
                   get_y=ColReader('tags')).dataloaders(df, **CPU)
+    with pytest.raises(TypeError, match=r"several labels; a CategoryBlock takes one label per item"):
+        from_df(df, fn_col='image_id', label_col='tags', label_delim=' ', y_block=CategoryBlock)
     with pytest.raises(ValueError, match=r"ColSplitter\('label'\): column 'label' must be boolean-like"):
         DataBlock(blocks=(ImageBlock, CategoryBlock), get_x=ColReader('image_id', pref=root / 'images'),
                   get_y=ColReader('label'), splitter=ColSplitter('label')).dataloaders(df, **CPU)

@@ -1,7 +1,8 @@
 """Data loading the fastai way: DataBlock over image folders or in-memory tensors, decoded once into a uint8
 cache, batched and augmented on the device."""
 from .block import (CategoryBlock, DataBlock, FuncSplitter, GrandparentSplitter, ImageBlock, IndexSplitter,
-                    MultiCategoryBlock, PILImage, PILImageBW, RandomSplitter, RegexLabeller, get_image_files, parent_label)
+                    MultiCategoryBlock, PILImage, PILImageBW, RandomSplitter, RegexLabeller, get_image_files,
+                    parent_label)
 from .columns import ColReader, ColSplitter
 from .factories import ImageDataLoaders
 from .images import IMAGE_EXTENSIONS, ImageDecodeError, read_image

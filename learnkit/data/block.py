@@ -63,6 +63,11 @@ class CategoryBlock:
     def encode(self, labels, train_idx, valid_idx, items):
         """Return (vocab, training targets, validation targets), the targets int64 tensors; raise naming any
         unknown label. `items` name the items in messages."""
+        for i, lab in enumerate(labels):
+            if isinstance(lab, (list, tuple, set)):
+                raise TypeError(f"CategoryBlock: the label of {items[i]} is {lab!r}, several labels; a CategoryBlock "
+                                f"takes one label per item. Use MultiCategoryBlock for several (from_df and from_csv "
+                                f"choose it when label_delim is given and y_block is not)")
         vocab = self.vocab if self.vocab is not None else _sorted_vocab({labels[i] for i in train_idx})
         index = {v: i for i, v in enumerate(vocab)}
         for split, idx in (('training', train_idx), ('validation', valid_idx)):
@@ -70,7 +75,8 @@ class CategoryBlock:
             if unknown:
                 names = sorted({repr(labels[i]) for i in unknown}, key=str)
                 raise _unknown_label_error(split, unknown, names, items, vocab, self.vocab is not None, 'CategoryBlock')
-        y_train, y_valid = (torch.tensor([index[labels[i]] for i in idx], dtype=torch.int64) for idx in (train_idx, valid_idx))
+        y_train, y_valid = (torch.tensor([index[labels[i]] for i in idx], dtype=torch.int64)
+                            for idx in (train_idx, valid_idx))
         return vocab, y_train, y_valid
 
 
@@ -97,7 +103,8 @@ class MultiCategoryBlock:
             if not isinstance(lab, (list, tuple, set, frozenset)):
                 hint = ("split such cells into labels with label_delim=' ' (from_df, from_csv, ColReader)"
                         if isinstance(lab, str) else "make get_y return a list of labels")
-                raise TypeError(f"MultiCategoryBlock: the labels of {items[i]} are {lab!r}, not a list of labels; {hint}")
+                raise TypeError(f"MultiCategoryBlock: the labels of {items[i]} are {lab!r}, not a list of labels; "
+                                f"{hint}")
         vocab = self.vocab if self.vocab is not None else _sorted_vocab({v for i in train_idx for v in labels[i]})
         index = {v: i for i, v in enumerate(vocab)}
         for split, idx in (('training', train_idx), ('validation', valid_idx)):
@@ -298,7 +305,8 @@ class DataBlock:
                  item_tfms=None, batch_tfms=None):
         blocks = [b() if isinstance(b, type) else b for b in blocks]
         if len(blocks) != 2 or not isinstance(blocks[0], ImageBlock) or not isinstance(blocks[1], TARGET_BLOCKS):
-            raise TypeError(f"DataBlock supports blocks=(ImageBlock, CategoryBlock or MultiCategoryBlock), got {blocks}")
+            raise TypeError(f"DataBlock supports blocks=(ImageBlock, CategoryBlock or MultiCategoryBlock), got "
+                            f"{blocks}")
         if get_y is None: raise ValueError("DataBlock needs get_y to label the items, e.g. get_y=parent_label")
         self.image_block, self.target_block = blocks
         self.get_items, self.get_x, self.get_y = get_items, get_x, get_y

@@ -63,7 +63,7 @@ class ImageDataLoaders(DataLoaders):
     @classmethod
     def from_path_func(cls, path, fnames, label_func, valid_pct=0.2, seed=None, item_tfms=None, batch_tfms=None,
                        img_cls=PILImage, **kwargs):
-        "The image files `fnames` (relative to `path`), labelled by `label_func(file path)`, a random `valid_pct` held out."
+        "Image files `fnames` (relative to `path`) labelled by `label_func(file path)`, a random `valid_pct` held out."
         dblock = DataBlock(blocks=(ImageBlock(img_cls), CategoryBlock), splitter=RandomSplitter(valid_pct, seed=seed),
                            get_y=label_func, item_tfms=item_tfms, batch_tfms=batch_tfms)
         return cls.from_dblock(dblock, _resolve(path, fnames), seed=seed, **kwargs)

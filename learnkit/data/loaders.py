@@ -1,10 +1,10 @@
 """`TfmdDL`, learnkit's loader, and `DataLoaders`, a training/validation pair of loaders.
 
 A `TfmdDL` turns a source (see `sources.py`) into batches `(xb, yb)`: xb float (N, C, H, W) on `dl.device`, scaled
-to [0, 1] and passed through the batch transforms; yb int64 class indices (or float multi-hot rows, multi-label). When the source is an in-memory uint8 cache that
-fits the device budget, the cache lives on the device and a batch is an `index_select` there: no host work per
-batch beyond launching kernels. Otherwise batches are gathered on the host into pinned memory and copied on a
-side CUDA stream, one batch ahead of the consumer.
+to [0, 1] and passed through the batch transforms; yb int64 class indices (or float multi-hot rows, multi-label).
+When the source is an in-memory uint8 cache that fits the device budget, the cache lives on the device and a batch
+is an `index_select` there: no host work per batch beyond launching kernels. Otherwise batches are gathered on the
+host into pinned memory and copied on a side CUDA stream, one batch ahead of the consumer.
 
 The order is a pure function of `(dl.seed, epoch)`, drawn with a private `torch.Generator`, so an epoch can be
 replayed, resumed mid-way (`set_epoch(epoch, start_batch)`) and split across ranks (`shard`).
