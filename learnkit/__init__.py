@@ -26,10 +26,10 @@ from .callbacks.schedule import (LRFinder, ParamScheduler, SchedCos, SchedExp, S
                                  SuggestedLRs, combine_scheds, combined_cos)
 from .callbacks.tracking import EarlyStoppingCallback, SaveModelCallback, TerminateOnNaNCallback, TrackerCallback
 from .checkpoint import CheckpointError, UnsafeCheckpointError, load_learner
-from .data import (Brightness, CategoryBlock, CenterCrop, Contrast, DataBlock, DataLoaders, Flip, FuncSplitter,
-                   GrandparentSplitter, ImageBlock, IndexSplitter, Normalize, PILImage, PILImageBW, RandomCrop,
-                   RandomResizedCrop, RandomSplitter, RegexLabeller, Resize, Rotate, TfmdDL, aug_transforms,
-                   get_image_files, parent_label)
+from .data import (Brightness, CategoryBlock, CenterCrop, ColReader, ColSplitter, Contrast, DataBlock, DataLoaders,
+                   Flip, FuncSplitter, GrandparentSplitter, ImageBlock, ImageDataLoaders, IndexSplitter,
+                   MultiCategoryBlock, Normalize, PILImage, PILImageBW, RandomCrop, RandomResizedCrop, RandomSplitter,
+                   RegexLabeller, Resize, Rotate, TfmdDL, aug_transforms, get_image_files, parent_label)
 from .data.specs import register_transform
 from .datasets import fashion_mnist, fashion_mnist_tree
 from .diagnostics import (ClassificationInterpretation, Finding, HealthMonitor, HealthReport, Thresholds, diagnose,
@@ -37,7 +37,7 @@ from .diagnostics import (ClassificationInterpretation, Finding, HealthMonitor, 
 from .experiments import Comparison, compare
 from .learner import Learner, default_callbacks, default_device
 from .losses import CrossEntropyLossFlat
-from .metrics import AvgLoss, AvgMetric, AvgSmoothLoss, Metric, accuracy, error_rate
+from .metrics import AvgLoss, AvgMetric, AvgSmoothLoss, Metric, accuracy, accuracy_multi, error_rate
 from .models import (MODELS, BatchNorm, ConvBN, DenseBlock, DepthwiseSeparableConv, Flatten, Inception, ResBlock,
                      SEBlock, alexnet, classifier_head, conv, densenet, get_model, googlenet, init_cnn, lenet, max_pool,
                      mobilenet, nin, nin_block, register_model, resnet18, resnet34, se_resnet, simple_cnn,

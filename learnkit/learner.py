@@ -16,11 +16,12 @@ from .callbacks.core import GatherPredsCallback, TrainEvalCallback
 from .callbacks.progress import ProgressCallback
 from .callbacks.recorder import Recorder
 from .callbacks import distributed, mixed_precision, schedule
-from . import checkpoint
+from . import checkpoint, predictions
 from .metrics import as_metric
 from .losses import CrossEntropyLossFlat
 from .optimizer import Adam, OptimWrapper, as_opt_func
 from .torch_core import to_detach
+from .predictions import is_cross_entropy, loss_activation
 
 __all__ = ['Learner', 'default_callbacks', 'default_device']
 
@@ -271,7 +272,7 @@ class Learner:
         leaves the GPU unusable until the process restarts."""
         self._outputs_checked = True
         vocab, pred = getattr(self.dls, 'vocab', None), self.pred
-        if not (_is_cross_entropy(self.loss_func) and isinstance(pred, torch.Tensor) and pred.ndim == 2): return
+        if not (is_cross_entropy(self.loss_func) and isinstance(pred, torch.Tensor) and pred.ndim == 2): return
         n_out = pred.shape[1]
         if vocab is not None:
             if n_out < len(vocab):
@@ -338,22 +339,33 @@ class Learner:
         with self._run_context(cbs): self._do_epoch_validate(dl)
         return self.recorder.final_record if hasattr(self, 'recorder') else None
 
-    def get_preds(self, dl=None, with_input=False, with_loss=False, act=None, cbs=None):
-        """Predictions and targets over `dl` (default `dls.valid`), on the CPU. `act` is applied to the
-        predictions (default: softmax for cross-entropy, sigmoid for BCE-with-logits, else none)."""
+    def get_preds(self, ds_idx=1, dl=None, with_input=False, with_decoded=False, with_loss=False, act=None, cbs=None,
+                  thresh=None):
+        """`(predictions, targets[, decoded][, inputs][, losses])` over `dl` (default: loader `ds_idx` of `dls`,
+        1 the validation set, 0 the training set, every item once in order, not augmented), on the CPU. `act` is
+        applied to the predictions (default: softmax for cross-entropy, sigmoid for BCE-with-logits, else none).
+        `with_decoded` adds them decoded as the targets are: class indices, or for a multi-label loss a boolean
+        multi-hot tensor of the probabilities above `thresh` (default 0.5, or `loss_func.thresh`)."""
+        if thresh is not None and not with_decoded:
+            raise ValueError("get_preds(thresh=...) sets the threshold of the decoded predictions: pass "
+                             "with_decoded=True too")
+        dl = predictions.inference_loader(predictions.loader_for(self.dls, ds_idx)) if dl is None else dl
         gather = GatherPredsCallback(with_input=with_input, with_loss=with_loss)
         with self._run_context([gather] + _listify(cbs)), self.no_logging(): self._do_epoch_validate(dl)
         out = gather.result()
-        act = act if act is not None else _loss_activation(self.loss_func)
-        return (act(out[0]),) + out[1:]
+        preds = (act if act is not None else loss_activation(self.loss_func))(out[0])
+        if not with_decoded: return (preds,) + out[1:]
+        decoded = predictions.decode_preds(preds, self.loss_func, getattr(self.dls, 'vocab', None), thresh)
+        return (preds, out[1], decoded) + out[2:]
 
-    def predict(self, item):
+    def predict(self, item, *, thresh=None):
         """Predict one item as the data holds it, as fastai does: an image file's path, a PIL image, or an image
         tensor (uint8 0..255 or float in [0, 1]; (H, W) or (C, H, W)), e.g. `dls.valid.dataset[i][0]`. It is
         prepared as the validation loader prepares its batches (item transforms, scaling, Normalize; see
         `TfmdDL.prepare`); with plain torch loaders, whose transforms learnkit does not know, the tensor goes to
         the model as it is. Returns `(label, class_index, probabilities)`; label comes from `dls.vocab` when there
-        is one."""
+        is one. A multi-label learner (BCEWithLogitsLoss) returns `(labels, multi-hot booleans, probabilities)`, the
+        labels those whose probability is above `thresh` (default 0.5, or `loss_func.thresh`)."""
         self._prepare()
         xb = _item_as_batch(self.dls, item).to(self.device)
         was_training = self.model.training
@@ -361,10 +373,16 @@ class Learner:
         try:
             with torch.no_grad(): pred = self.model(xb)
         finally: self.model.train(was_training)
-        probs = _loss_activation(self.loss_func)(pred[0].float()).cpu()  # sync-ok: one item, on request
-        idx = int(probs.argmax())
-        vocab = getattr(self.dls, 'vocab', None)
-        return (vocab[idx] if vocab is not None else idx), idx, probs
+        probs = loss_activation(self.loss_func)(pred[0].float()).cpu()  # sync-ok: one item, on request
+        return predictions.decode_item(probs, self.loss_func, getattr(self.dls, 'vocab', None), thresh)
+
+    def tta(self, ds_idx=1, dl=None, n=4, beta=0.25, use_max=False):
+        "Test-time augmentation, as fastai's: `(predictions, targets)`; see `learnkit.predictions.tta`."
+        return predictions.tta(self, ds_idx, dl, n, beta, use_max)
+
+    def show_results(self, ds_idx=1, dl=None, max_n=9, shuffle=True, figsize=None):
+        "A figure of items titled target / prediction (green or red); see `learnkit.predictions.show_results`."
+        return predictions.show_results(self, ds_idx, dl, max_n, shuffle, figsize)
 
     # ---- features: short delegations to their modules --------------------------------------------
     def fit_one_cycle(self, n_epoch, lr_max=None, div=25., div_final=1e5, pct_start=0.25, wd=None, moms=None,
@@ -517,16 +535,6 @@ def _host_labels(dl):
             or labels.device.type != 'cpu'):
         return None
     return labels
-
-
-def _is_cross_entropy(loss_func):
-    return isinstance(loss_func, nn.CrossEntropyLoss) or getattr(loss_func, '__name__', '') == 'cross_entropy'
-
-
-def _loss_activation(loss_func):
-    if _is_cross_entropy(loss_func): return lambda p: torch.softmax(p, dim=-1)
-    if isinstance(loss_func, nn.BCEWithLogitsLoss): return torch.sigmoid
-    return lambda p: p
 
 
 def _empty_loader_message(dl):
