@@ -211,16 +211,18 @@ class Data:
         return DataLoaders.from_tensors(self.x, self.y, self.xv, self.yv, bs=bs, seed=0, device='cpu')
 
 
-def pixels(size, n_train=None):
-    "The first `n_train` (default `size.n_train`) training and `size.n_valid` validation images, floats in 0..255."
-    fm, n_train, n_valid = _fmnist(), n_train or size.n_train, size.n_valid
-    return Data(fm.x_train[:n_train].float().unsqueeze(1), fm.y_train[:n_train].clone(),
-                fm.x_valid[:n_valid].float().unsqueeze(1), fm.y_valid[:n_valid].clone())
+def pixels(size, n_train=None, index=None):
+    """Training images (the first `n_train`, default `size.n_train`, or those at `index`) and the first
+    `size.n_valid` validation images, as floats in 0..255, shaped (N, 1, 28, 28), with their labels."""
+    fm = _fmnist()
+    index = torch.arange(n_train or size.n_train) if index is None else index
+    return Data(fm.x_train[index].float().unsqueeze(1), fm.y_train[index].clone(),
+                fm.x_valid[:size.n_valid].float().unsqueeze(1), fm.y_valid[:size.n_valid].clone())
 
 
-def normalized(size, n_train=None):
-    "`pixels` scaled to [0, 1], then standardised with the training slice's mean and std (as a user should)."
-    d = pixels(size, n_train)
+def normalized(size, n_train=None, index=None):
+    "`pixels` scaled to [0, 1], then standardised with the training images' mean and std (as a user should)."
+    d = pixels(size, n_train, index)
     x, xv = d.x / 255, d.xv / 255
     mean, std = x.mean(), x.std()
     return Data((x - mean) / std, d.y, (xv - mean) / std, d.yv)
@@ -350,7 +352,9 @@ def relative_change(before, after):
     return (num / sum(b.pow(2).sum() for b in before).sqrt()).item()
 
 
-def all_finite(model): return all(torch.isfinite(p).all().item() for p in model.parameters())
+def nonfinite_tensors(model):
+    "How many of the model's parameter tensors hold a NaN or an Inf."
+    return sum(not torch.isfinite(p).all().item() for p in model.parameters())
 
 
 def swings(series, factor):
@@ -365,14 +369,14 @@ def swings(series, factor):
     return count
 
 
-def health(m, learn, data, snaps, min_acc):
+def health(m, learn, snaps, xv, yv, min_acc):
     """The measurement every healthy run shares: its own evaluation is well above chance (0.10), the valid loss at
     the last epoch is within noise of its best, and every weight is finite."""
-    evals = snaps.evaluations(learn.model, data.xv, data.yv)
+    evals = snaps.evaluations(learn.model, xv, yv)
     best = min(e.loss for e in evals)
     m.expect('valid accuracy', evals[-1].acc, '>=', min_acc)
     m.expect('last / best valid loss', evals[-1].loss / best, '<=', 1.02)
-    m.expect('non-finite weights', 0 if all_finite(learn.model) else 1, '==', 0)
+    m.expect('weight tensors holding NaN or Inf', nonfinite_tensors(learn.model), '==', 0)
     return m.note(f"valid loss per epoch {', '.join(f'{e.loss:.3f}' for e in evals)}")
 
 
@@ -406,7 +410,7 @@ def nan_inputs(size):
     return Run(learn, Measurement()
                .expect('training batches holding NaN', sum(torch.isnan(xb).any().item() for xb in batches), '>=', 3)
                .expect('NaN pixels in the training inputs', sum(torch.isnan(xb).sum().item() for xb in batches), '>=', 100)
-               .expect('non-finite weights after fit', 0 if all_finite(learn.model) else 1, '==', 1))
+               .expect('weight tensors holding NaN or Inf after fit', nonfinite_tensors(learn.model), '>=', 1))
 
 
 @recipe('softmax_before_loss', "the model ends in nn.Softmax, then nn.CrossEntropyLoss applies log-softmax again",
@@ -433,12 +437,10 @@ def shuffled_labels(size):
 @recipe('class_imbalance', "90% of the training set is one class (T-shirt); the validation set is balanced",
         'class_imbalance')
 def class_imbalance(size):
-    n = size.n_train
-    pool = normalized(size, n_train=30000)
-    major = (pool.y == 0).nonzero().flatten()[:int(0.9 * n)]
-    minor = (pool.y != 0).nonzero().flatten()[:n - len(major)]
-    keep = torch.cat([major, minor])[torch.randperm(n)]
-    data = Data(pool.x[keep], pool.y[keep], pool.xv, pool.yv)
+    n, labels = size(2000, 6000), _fmnist().y_train  # the training set holds 6,000 T-shirts
+    major = (labels == 0).nonzero().flatten()[:int(0.9 * n)]
+    minor = (labels != 0).nonzero().flatten()[:n - len(major)]
+    data = normalized(size, index=torch.cat([major, minor])[torch.randperm(n)])
     learn = quietly(learner(data, mlp(100)), 'fit_one_cycle', size(2, 3), 1e-3)
     counts = torch.bincount(torch.cat([yb for _, yb in learn.dls.train]), minlength=N_CLASSES)
     return Run(learn, Measurement().expect('share of the largest class in the training labels',
@@ -536,9 +538,9 @@ def lr_too_low(size):
     data = normalized(size)
     model = mlp(100)
     start, before = evaluate(model, data.xv, data.yv), snapshot(model)
-    learn = quietly(learner(data, model), 'fit', size(2, 2), 1e-6)
+    learn = quietly(learner(data, model), 'fit', size(2, 1), 1e-6)
     end = evaluate(model, data.xv, data.yv)
-    return Run(learn, Measurement().expect('relative fall of the valid loss', (start.loss - end.loss) / start.loss, '<=', 0.02)
+    return Run(learn, Measurement().expect('relative fall of the valid loss', (start.loss - end.loss) / start.loss, '<=', 0.05)
                .expect('relative change of the weights', relative_change(before, snapshot(model)), '<=', 0.01))
 
 
@@ -569,15 +571,17 @@ def vanishing_gradients(size):
                .note(f"sigmoid output stds {stds[0]:.2g} .. {stds[-1]:.2g}"))
 
 
-@recipe('dead_relus', "the first hidden layer's biases initialised to -3: most of its ReLUs never fire", 'dead_units')
+@recipe('dead_relus', "the first hidden layer's biases initialised to -2: ~90% of its ReLUs never fire, on any image; "
+        "the rest still learn", 'dead_units')
 def dead_relus(size):
     data = normalized(size)
     model = mlp(256, 256)
-    with torch.no_grad(): linears(model)[0].bias.fill_(-3.)
+    with torch.no_grad(): linears(model)[0].bias.fill_(-2.)
     learn = quietly(learner(data, model), 'fit_one_cycle', size(2, 3), 1e-3)
     first = forward_outputs(learn.model, modules_of(learn.model, nn.ReLU)[:1], torch.cat([data.x, data.xv]))[0]
     return Run(learn, Measurement().expect('share of the first ReLU units never positive on all data',
-                                           (first.amax(0) <= 0).float().mean(), '>=', 0.5))
+                                           (first.amax(0) <= 0).float().mean(), '>=', 0.75)
+               .note(f"valid accuracy {evaluate(learn.model, data.xv, data.yv).acc:.2f}"))
 
 
 @recipe('chapter_collapse', "the chapter's baseline: simple_cnn without batchnorm, fit(1, 0.06) at bs 64",
@@ -649,9 +653,8 @@ def _healthy(data_or_dls, model, fit, *args, min_acc=0.6, bs=64, **kwargs):
     learn = learner(data_or_dls, model, bs=bs, **kwargs)
     learn.add_cb(snaps)
     quietly(learn, fit, *args)
-    dls = learn.dls
-    data = Data(None, None, *(torch.cat(t) for t in zip(*dls.valid)))
-    return Run(learn, health(Measurement(), learn, data, snaps, min_acc))
+    xv, yv = (torch.cat(t) for t in zip(*learn.dls.valid))  # the validation set as the model sees it
+    return Run(learn, health(Measurement(), learn, snaps, xv, yv, min_acc))
 
 
 @recipe('healthy_cnn_bn', "the chapter's good run: simple_cnn with batchnorm, fit_one_cycle at lr 0.06")
@@ -676,7 +679,7 @@ def healthy_tanh(size):
     run = _healthy(normalized(size), model, 'fit_one_cycle', size(2, 3), 1e-3)
     xv = torch.cat([xb for xb, _ in run.learn.dls.valid])
     for i, o in enumerate(forward_outputs(model, modules_of(model, nn.Tanh), xv)):
-        run.measurement.expect(f"tanh {i}: share of |y| >= 0.99", (o.abs() >= 0.99).float().mean(), '<=', 0.15)
+        run.measurement.expect(f"tanh {i}: share of |y| >= 0.99", (o.abs() >= 0.99).float().mean(), '<=', 0.25)
     return run
 
 
@@ -686,11 +689,11 @@ def healthy_no_bn(size):
                     3e-3)
 
 
-@recipe('healthy_long_1cycle', "simple_cnn with batchnorm, 8-12 epochs of fit_one_cycle with weight decay, on enough "
-        "data that it does not overfit")
+@recipe('healthy_long_1cycle', "simple_cnn with batchnorm, 8 (test) or 10 (bench) epochs of fit_one_cycle with weight "
+        "decay 0.1, on enough data (2,000 or 30,000 images) that the valid loss is still at its best at the end")
 def healthy_long_1cycle(size):
-    return _healthy(normalized(size), simple_cnn(bn=True), 'fit_one_cycle',
-                    size(8, 12), 1e-2, bs=128, wd=0.1, min_acc=0.75)
+    return _healthy(normalized(size, n_train=size(2000, 30000)), simple_cnn(bn=True), 'fit_one_cycle', size(8, 10),
+                    1e-2, bs=128, wd=0.1, min_acc=0.75)
 
 
 # ---- scoring and the table -------------------------------------------------------------------------------------
