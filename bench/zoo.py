@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere: this checkout's learnkit
+if __name__ == '__main__':  # run as a script (from any folder): train with this checkout's learnkit
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from learnkit import Callback, Learner, accuracy  # noqa: E402
 from learnkit import diagnostics  # noqa: E402
@@ -42,8 +43,8 @@ from learnkit.datasets import fashion_mnist  # noqa: E402
 from learnkit.models import simple_cnn  # noqa: E402
 from learnkit.optimizer import SGD  # noqa: E402
 
-__all__ = ['RECIPES', 'Recipe', 'Run', 'Measurement', 'Size', 'TEST', 'BENCH', 'root_causes', 'alarms', 'report_agrees',
-           'score', 'health_callbacks']
+__all__ = ['RECIPES', 'RECIPES_BY_NAME', 'Recipe', 'Run', 'Measurement', 'Condition', 'Size', 'TEST', 'BENCH',
+           'health_callbacks', 'root_causes', 'alarms', 'report_agrees', 'disagreement', 'score', 'main']
 
 N_CLASSES = 10
 ALARM = ('warning', 'error')
@@ -619,9 +620,7 @@ def oscillating_loss(size):
 def overfitting(size):
     data = normalized(size, n_train=300)
     snaps = EpochSnapshots()
-    learn = learner(data, mlp(512, 512))
-    learn.add_cb(snaps)
-    quietly(learn, 'fit', size(25, 30), 1e-3)
+    learn = quietly(learner(data, mlp(512, 512)), 'fit', size(25, 30), 1e-3, cbs=[snaps])
     valid = [e.loss for e in snaps.evaluations(learn.model, data.xv, data.yv)]
     train = [e.loss for e in snaps.evaluations(learn.model, data.x, data.y)]
     best = min(range(len(valid)), key=valid.__getitem__)
@@ -634,10 +633,9 @@ def overfitting(size):
         "loss converges at a high level within a few epochs and stays flat for the rest", ('loss_plateau', 'no_progress'))
 def plateau(size):
     data = normalized(size)
+    model = nn.Sequential(nn.AvgPool2d(14), nn.Flatten(), nn.BatchNorm1d(4), nn.Linear(4, N_CLASSES))
     snaps = EpochSnapshots()
-    learn = learner(data, nn.Sequential(nn.AvgPool2d(14), nn.Flatten(), nn.BatchNorm1d(4), nn.Linear(4, N_CLASSES)))
-    learn.add_cb(snaps)
-    quietly(learn, 'fit', size(12, 8), 3e-2)
+    learn = quietly(learner(data, model), 'fit', size(12, 8), 3e-2, cbs=[snaps])
     train = [e.loss for e in snaps.evaluations(learn.model, data.x, data.y)]
     half = len(train) // 2
     return Run(learn, Measurement().expect('relative fall of the train loss over the second half of the epochs',
@@ -650,9 +648,7 @@ def plateau(size):
 def _healthy(data_or_dls, model, fit, *args, min_acc=0.6, bs=64, **kwargs):
     "Train a healthy run with per-epoch snapshots and confirm its health with `health`."
     snaps = EpochSnapshots()
-    learn = learner(data_or_dls, model, bs=bs, **kwargs)
-    learn.add_cb(snaps)
-    quietly(learn, fit, *args)
+    learn = quietly(learner(data_or_dls, model, bs=bs, **kwargs), fit, *args, cbs=[snaps])
     xv, yv = (torch.cat(t) for t in zip(*learn.dls.valid))  # the validation set as the model sees it
     return Run(learn, health(Measurement(), learn, snaps, xv, yv, min_acc))
 
