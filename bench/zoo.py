@@ -322,7 +322,8 @@ class GradNorms:
     at each step, whether or not the optimizer then uses it."""
     def __init__(self, params):
         self.norms = [[] for _ in params]
-        self.handles = [p.register_hook(lambda g, i=i: self.norms[i].append(g.detach().norm())) for i, p in enumerate(params)]
+        self.handles = [p.register_hook(lambda g, i=i: self.norms[i].append(g.detach().norm()))
+                        for i, p in enumerate(params)]
 
     def medians(self):
         for h in self.handles: h.remove()
@@ -408,10 +409,10 @@ def nan_inputs(size):
     data.x[bad, :, 10:14] = float('nan')
     learn = quietly(learner(data, mlp(100)), 'fit', size(2, 3), 1e-3)
     batches = [xb for xb, _ in learn.dls.train]
-    return Run(learn, Measurement()
-               .expect('training batches holding NaN', sum(torch.isnan(xb).any().item() for xb in batches), '>=', 3)
-               .expect('NaN pixels in the training inputs', sum(torch.isnan(xb).sum().item() for xb in batches), '>=', 100)
-               .expect('weight tensors holding NaN or Inf after fit', nonfinite_tensors(learn.model), '>=', 1))
+    m = Measurement()
+    m.expect('training batches holding NaN', sum(torch.isnan(xb).any().item() for xb in batches), '>=', 3)
+    m.expect('NaN pixels in the training inputs', sum(torch.isnan(xb).sum().item() for xb in batches), '>=', 100)
+    return Run(learn, m.expect('weight tensors holding NaN or Inf after fit', nonfinite_tensors(learn.model), '>=', 1))
 
 
 @recipe('softmax_before_loss', "the model ends in nn.Softmax, then nn.CrossEntropyLoss applies log-softmax again",
@@ -420,8 +421,8 @@ def softmax_before_loss(size):
     data = normalized(size)
     learn = quietly(learner(data, nn.Sequential(mlp(100), nn.Softmax(dim=1))), 'fit_one_cycle', size(2, 3), 1e-3)
     with torch.no_grad(): out = learn.model.eval()(data.xv)
-    return Run(learn, Measurement().expect('largest |row sum - 1| of the outputs', (out.sum(1) - 1).abs().max(), '<=', 1e-4)
-               .expect('smallest output', out.min(), '>=', 0))
+    m = Measurement().expect('largest |row sum - 1| of the outputs', (out.sum(1) - 1).abs().max(), '<=', 1e-4)
+    return Run(learn, m.expect('smallest output', out.min(), '>=', 0))
 
 
 @recipe('shuffled_labels', "the labels are shuffled apart from their images (training and validation): no image "
@@ -455,8 +456,8 @@ def predictions_collapsed(size):
     data = normalized(size)
     learn = quietly(learner(data, mlp(100, 100), opt_func=SGD), 'fit', size(2, 3), 0.1, wd=1.)
     ev = evaluate(learn.model, data.xv, data.yv)
-    return Run(learn, Measurement().expect('share of the most predicted class on the valid set', ev.top_share, '>=', 0.95)
-               .note(f"valid accuracy {ev.acc:.2f}"))
+    m = Measurement().expect('share of the most predicted class on the valid set', ev.top_share, '>=', 0.95)
+    return Run(learn, m.note(f"valid accuracy {ev.acc:.2f}"))
 
 
 @recipe('saturated_tanh', "a tanh MLP whose weights are drawn from N(0, 1) (torch.randn), ~30x too large: most units "
@@ -469,7 +470,8 @@ def saturated_tanh(size):
     learn = quietly(learner(data, model), 'fit_one_cycle', size(2, 3), 1e-3)
     outs = forward_outputs(learn.model, modules_of(learn.model, nn.Tanh), data.xv)
     m = Measurement()
-    for i, o in enumerate(outs): m.expect(f"tanh {i}: share of |y| >= 0.99", (o.abs() >= 0.99).float().mean(), '>=', 0.5)
+    for i, o in enumerate(outs):
+        m.expect(f"tanh {i}: share of |y| >= 0.99", (o.abs() >= 0.99).float().mean(), '>=', 0.5)
     return Run(learn, m)
 
 
@@ -484,7 +486,7 @@ def symmetric_units(size):
     m = Measurement()
     for i, lin in enumerate(linears(learn.model)[:-1]):
         w = lin.weight.detach()
-        m.expect(f"Linear {i}: largest |row - row 0| / |row 0|", ((w - w[0]).norm(dim=1).max() / w[0].norm()), '<=', 1e-4)
+        m.expect(f"Linear {i}: largest |row - row 0| / |row 0|", (w - w[0]).norm(dim=1).max() / w[0].norm(), '<=', 1e-4)
     return Run(learn, m.note(f"valid accuracy {evaluate(learn.model, data.xv, data.yv).acc:.2f}"))
 
 
@@ -529,9 +531,10 @@ def missing_from_optimizer(size):
     arrivals = GradNorms([left_out.weight])
     learn = quietly(learner(data, model, splitter=lambda m: [kept]), 'fit_one_cycle', size(2, 3), 1e-3)
     step = arrivals.medians()[0]
-    return Run(learn, Measurement().expect('relative change of the left-out layer', relative_change(before, snapshot(left_out)),
-                                           '==', 0)
-               .expect("its accumulated .grad norm / a step's gradient norm", left_out.weight.grad.norm() / step, '>=', 5))
+    m = Measurement().expect('relative change of the left-out layer', relative_change(before, snapshot(left_out)),
+                             '==', 0)
+    accumulated = left_out.weight.grad.norm() / step
+    return Run(learn, m.expect("its accumulated .grad norm / a step's gradient norm", accumulated, '>=', 5))
 
 
 @recipe('lr_too_low', "Adam at lr 1e-6, a thousand times too low: nothing moves", 'lr_too_low')
@@ -541,8 +544,8 @@ def lr_too_low(size):
     start, before = evaluate(model, data.xv, data.yv), snapshot(model)
     learn = quietly(learner(data, model), 'fit', size(2, 1), 1e-6)
     end = evaluate(model, data.xv, data.yv)
-    return Run(learn, Measurement().expect('relative fall of the valid loss', (start.loss - end.loss) / start.loss, '<=', 0.05)
-               .expect('relative change of the weights', relative_change(before, snapshot(model)), '<=', 0.01))
+    m = Measurement().expect('relative fall of the valid loss', (start.loss - end.loss) / start.loss, '<=', 0.05)
+    return Run(learn, m.expect('relative change of the weights', relative_change(before, snapshot(model)), '<=', 0.01))
 
 
 @recipe('lr_too_high', "SGD at lr 20: the loss overflows to NaN", ('nonfinite', 'loss_diverged'))
@@ -596,7 +599,8 @@ def chapter_collapse(size):
     xv, yv = (torch.cat(t) for t in zip(*dls.valid))  # the validation images as the model sees them, in order
     outs = forward_outputs(learn.model, list(learn.model[1:4]), xv)  # conv + ReLU blocks 1..3
     m = Measurement()
-    for i, o in enumerate(outs, 1): m.expect(f"block {i} (ReLU out): share <= 0.05", (o <= 0.05).float().mean(), '>=', 0.95)
+    for i, o in enumerate(outs, 1):
+        m.expect(f"block {i} (ReLU out): share <= 0.05", (o <= 0.05).float().mean(), '>=', 0.95)
     return Run(learn, m.note(f"valid accuracy {evaluate(learn.model, xv, yv).acc:.2f}"))
 
 
@@ -609,11 +613,11 @@ def oscillating_loss(size):
     losses = TrainingLosses(loss_func)
     learn = quietly(learner(data, mlp(), bs=n, loss_func=loss_func, opt_func=SGD), 'fit', 40, 0.3)
     series = losses.series().tolist()
-    return Run(learn, Measurement().expect('2-fold moves of the full-batch loss, up or down', swings(series, 2.), '>=', 6)
-               .expect('largest loss / first loss', max(series) / series[0], '<=', 10)
-               .expect('non-finite losses', sum(not math.isfinite(v) for v in series), '==', 0)
-               .note(f"{len(series)} steps, loss {series[0]:.2f} at the first, then between {min(series):.2f} and "
-                     f"{max(series):.2f}"))
+    m = Measurement().expect('2-fold moves of the full-batch loss, up or down', swings(series, 2.), '>=', 6)
+    m.expect('largest loss / first loss', max(series) / series[0], '<=', 10)
+    m.expect('non-finite losses', sum(not math.isfinite(v) for v in series), '==', 0)
+    return Run(learn, m.note(f"{len(series)} steps, loss {series[0]:.2f} at the first, then between "
+                             f"{min(series):.2f} and {max(series):.2f}"))
 
 
 @recipe('overfitting', "300 training images, a wide MLP, 30 epochs: it memorises them", 'overfitting')
@@ -630,7 +634,8 @@ def overfitting(size):
 
 
 @recipe('plateau', "a model far too small for the task (each image averaged down to 2x2 pixels, then one Linear): the "
-        "loss converges at a high level within a few epochs and stays flat for the rest", ('loss_plateau', 'no_progress'))
+        "loss converges at a high level within a few epochs and stays flat for the rest",
+        ('loss_plateau', 'no_progress'))
 def plateau(size):
     data = normalized(size)
     model = nn.Sequential(nn.AvgPool2d(14), nn.Flatten(), nn.BatchNorm1d(4), nn.Linear(4, N_CLASSES))
@@ -722,7 +727,8 @@ COLUMNS = ('run', 'expected cause', 'measured', 'report root causes', 'result')
 
 
 def _row(r):
-    confirmed = 'confirmed' if r.measurement.confirmed else 'NOT CONFIRMED: ' + '; '.join(map(str, r.measurement.failed))
+    failed = '; '.join(map(str, r.measurement.failed))
+    confirmed = 'confirmed' if r.measurement.confirmed else f"NOT CONFIRMED ({failed or 'nothing measured'})"
     found = describe(r.alarms if r.recipe.healthy else r.causes)
     verdict = 'PASS' if r.passed else 'FAIL'
     return (r.recipe.name, ' or '.join(r.recipe.expected) or 'healthy: no warning or error',
@@ -752,8 +758,8 @@ def text(results):
     lines = []
     for r in results:
         name, expected, measured, found, verdict = _row(r)
-        lines += [f"{verdict}  {name}  ({r.seconds:.1f} s, {r.cpu_seconds:.1f} s CPU)  expected: {expected}", f"      measured: {measured}",
-                  f"      report:   {found}"]
+        lines += [f"{verdict}  {name}  ({r.seconds:.1f} s, {r.cpu_seconds:.1f} s CPU)  expected: {expected}",
+                  f"      measured: {measured}", f"      report:   {found}"]
     return '\n'.join(lines + ['', _totals(results)])
 
 
