@@ -35,9 +35,7 @@ if __name__ == '__main__':  # run as a script (from any folder): train with this
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from learnkit import Callback, Learner, accuracy  # noqa: E402
-from learnkit import diagnostics  # noqa: E402
-from learnkit.callbacks.activations import ActivationStats  # noqa: E402
-from learnkit.callbacks.gradients import GradientStats  # noqa: E402
+from learnkit.diagnostics import health_cbs  # noqa: E402
 from learnkit.data import DataLoaders, Normalize  # noqa: E402
 from learnkit.datasets import fashion_mnist  # noqa: E402
 from learnkit.models import simple_cnn  # noqa: E402
@@ -50,17 +48,15 @@ N_CLASSES = 10
 ALARM = ('warning', 'error')
 
 
-# ---- the report API, in the one place that knows how far it has come ---------------------------------------
+# ---- the report ---------------------------------------------------------------------------------------------
 def health_callbacks():
-    "Every callback the report's checks read: `health_cbs()` where it exists, else the two statistics callbacks."
-    if hasattr(diagnostics, 'health_cbs'): return diagnostics.health_cbs()
-    return [ActivationStats(with_hist=True), GradientStats()]
+    "Every callback the report's checks read; the live monitor stays quiet (the table shows the final report)."
+    return health_cbs(show=False)
 
 
 def root_causes(report):
-    "The report's root causes: its own list where it has one, else every finding at warning or error severity."
-    causes = getattr(report, 'root_causes', None)
-    return list(causes) if causes is not None else [f for f in report.findings if f.severity in ALARM]
+    "The report's root causes: its warnings and errors that no other finding explains."
+    return report.root_causes
 
 
 def alarms(report):
@@ -637,10 +633,10 @@ def overfitting(size):
         "loss converges at a high level within a few epochs and stays flat for the rest",
         ('loss_plateau', 'no_progress'))
 def plateau(size):
-    data = normalized(size)
+    data = normalized(size, n_train=size(4000, 10000))  # a long flat stretch: ~300 batches at both sizes
     model = nn.Sequential(nn.AvgPool2d(14), nn.Flatten(), nn.BatchNorm1d(4), nn.Linear(4, N_CLASSES))
     snaps = EpochSnapshots()
-    learn = quietly(learner(data, model), 'fit', size(12, 8), 3e-2, cbs=[snaps])
+    learn = quietly(learner(data, model), 'fit', size(10, 8), 3e-2, cbs=[snaps])
     train = [e.loss for e in snaps.evaluations(learn.model, data.x, data.y)]
     half = len(train) // 2
     return Run(learn, Measurement().expect('relative fall of the train loss over the second half of the epochs',
