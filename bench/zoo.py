@@ -1,7 +1,7 @@
 """The health report's ground truth: a zoo of broken and healthy Fashion-MNIST runs, and the harness that scores
 `learn.diagnose()` against them.
 
-    python bench/zoo.py                   # every run at bench size: the table and the totals (~8 min, 2 CPU cores)
+    python bench/zoo.py                   # every run at bench size: the table and the totals (~75 s of CPU time)
     python bench/zoo.py --size test       # the small versions, the ones tests/test_health_zoo.py trains
     python bench/zoo.py --only NAME ...   # some runs only
     python bench/zoo.py --markdown        # the table as Markdown
@@ -13,8 +13,9 @@ learnkit's records, so the measurement is ground truth the report can be scored 
 
 A broken run passes when its measurement confirms the fault and one of its expected checks is among the report's
 root causes at warning or error severity. A healthy run passes when its measurement confirms its health and the
-report has no warning or error at all. Every recipe has two sizes, `test` (a few seconds) and `bench`, from one
-definition: `size(test_value, bench_value)` picks.
+report has no warning or error at all. Every recipe has two sizes, `test` (under a second of CPU time each) and
+`bench`, from one definition: `size(test_value, bench_value)` picks. The recipes assume `health_cbs()` does not stop
+a fit early (its default, `stop_on=None`): each measurement reads the run's end.
 """
 import argparse
 import copy
