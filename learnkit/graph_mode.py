@@ -204,7 +204,7 @@ class GraphStep:
         learn = self.learn
         self._hypers.load(self.step)
         xb, yb = self._feeder.batch(self.batch)
-        if learn.channels_last and xb.ndim == 4: xb = xb.contiguous(memory_format=torch.channels_last)
+        if learn.memory_format is not None and xb.ndim == 4: xb = xb.contiguous(memory_format=learn.memory_format)
         pred = learn.model(xb)
         if not learn._outputs_checked:  # the Learner's once-per-run check of n_out against the classes: host only
             learn.pred = pred

@@ -66,7 +66,8 @@ from .schedule import LRFinder
 
 __all__ = ['DEFAULT_TIMEOUT', 'rank_distrib', 'num_distrib', 'local_rank_distrib', 'is_rank0', 'rank0_only',
            'launched_distributed', 'local_device', 'setup_distrib', 'teardown_distrib', 'unwrap_model',
-           'all_reduce_sum', 'all_reduce_max', 'all_reduce_mean', 'broadcast', 'broadcast_int', 'gather_interleaved',
+           'all_reduce_sum', 'all_reduce_max', 'all_reduce_mean', 'broadcast', 'broadcast_int', 'all_gather',
+           'gather_interleaved',
            'reduce_activation_records', 'DistributedCallback', 'distrib_ctx', 'torchrun_callbacks']
 
 # A collective that waits longer than this for a peer raises instead of hanging (checkpoint writes on rank 0
@@ -200,7 +201,7 @@ def broadcast_bytes(data, src=0):
     return broadcast(buf, src).cpu().numpy().tobytes()  # sync-ok: a checkpoint, once
 
 
-def _all_gather(t):
+def all_gather(t):
     "Every rank's `t` (all the same shape), as a list in rank order."
     dev = _comm_device(t)
     t = t.detach().contiguous().to(dev)
@@ -213,7 +214,7 @@ def gather_interleaved(t, n):
     """The full data set's rows from each rank's shard `t`: item j of rank r is item `j * world_size + r` of the
     unsharded order (how `TfmdDL.shard` and `DistributedSampler` deal items out); rows past `n` are the padding
     that evened the shards, and are dropped. Every rank must pass as many rows."""
-    parts = _all_gather(t)
+    parts = all_gather(t)
     return torch.stack(parts, 1).flatten(0, 1)[:n].to(t.device)
 
 
@@ -423,7 +424,7 @@ class DistributedCallback(Callback):
     def _gather_validation(self):
         learn, n = self.learn, _n_items(self.learn.dl)
         n_local = sum(len(batch[0]) for batch in self._valid_batches)
-        counts = torch.cat(_all_gather(torch.tensor([n_local], device=learn.device))).tolist()  # sync-ok: once per validation
+        counts = torch.cat(all_gather(torch.tensor([n_local], device=learn.device))).tolist()  # sync-ok: once per validation
         if not any(counts): return  # cancelled on every rank before any batch
         if len(set(counts)) > 1:
             raise RuntimeError(f"Validation shards differ in size across ranks ({counts} items): every rank must "
