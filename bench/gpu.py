@@ -30,7 +30,8 @@ captured graphs; --no-ops skips the count). A small CNN on a fast GPU is bound b
 extra time per batch follows the extra ops: the op count says what a configuration costs there even when this table
 is printed on a CPU. A graph-mode fit captures its step at its first batch, so each one-epoch row of (g) includes one
 capture; `--graph-epochs K` adds a table of fits of K epochs for a, b, c, g, g_acts: the first epoch's time, the median
-of the later epochs (the steady state), and the validation accuracy at the end, graph mode against eager.
+of the later epochs (the steady state), and the validation accuracy at the end, graph mode against eager (every
+configuration starts from the same weights; the hand loop runs K one-epoch cycles, as a time reference).
 `--json PATH` also writes every row as JSON.
 """
 import argparse

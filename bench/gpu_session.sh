@@ -87,7 +87,10 @@ for part in "${parts[@]}"; do
         continue
     fi
     case "$part" in
-        tests) run_part tests 150 "$py" -m pytest -q -rs -m "not slow" --durations=15 "${cuda_tests[@]}" ;;
+        tests)  # -v: each result as it comes, so a run stopped at the part's limit still says what passed
+            per_test=(); "$py" -c 'import pytest_timeout' 2>/dev/null && per_test=(--timeout=100)  # a traceback, not a kill
+            run_part tests 150 "$py" -m pytest -v --tb=short -rs -m "not slow" --durations=15 ${per_test[@]+"${per_test[@]}"} \
+                "${cuda_tests[@]}" ;;
         graph) run_part graph 60 "$py" bench/gpu.py --graph-only --graph-epochs 4 --bs 512,64 --json "$out/graph.json" ;;
         table) run_part table 200 "$py" bench/gpu.py --repeats 3 --no-ops --configs b,c,d,e,f,g,g_acts \
                    --json "$out/table.json" ;;
