@@ -17,14 +17,10 @@ import torch
 from .items import ItemPipeline, mode_for, to_float as _to_float
 from .show import label_titles, show_images
 from .sources import DatasetSource, ImageFiles, TensorSource
+from ..torch_core import default_device, listify
 from .transforms import BatchTransform, ItemTransform
 
 __all__ = ['TfmdDL', 'DataLoaders', 'default_device']
-
-
-def default_device() -> torch.device:
-    "The GPU when there is one (as fastai), else the CPU."
-    return torch.device('cuda', torch.cuda.current_device()) if torch.cuda.is_available() else torch.device('cpu')
 
 
 def _as_device(device) -> torch.device:
@@ -41,7 +37,7 @@ def _epoch_seed(seed, epoch):
 
 def check_batch_tfms(tfms):
     "Return the batch transforms as a list sorted by `order`, rejecting anything that is not one."
-    tfms = [] if tfms is None else list(tfms) if isinstance(tfms, (list, tuple)) else [tfms]
+    tfms = listify(tfms)
     for t in tfms:
         if isinstance(t, ItemTransform):
             raise TypeError(f"{t!r} is an item transform: pass it in item_tfms, not batch_tfms")
