@@ -105,10 +105,12 @@ def hook_outputs(modules, detach=True, grad=False):
 def _has_params(m): return any(True for _ in m.parameters(recurse=False))
 
 
-def default_modules(model, include_paramless=False):
+def default_modules(model, include_paramless=False, also=None):
     """The leaf modules of `model` in definition order: those with parameters (as fastai hooks them), or every
-    leaf with `include_paramless=True` (which adds activations, pooling, Flatten...)."""
-    return [m for m in model.modules() if not any(True for _ in m.children()) and (include_paramless or _has_params(m))]
+    leaf with `include_paramless=True` (which adds activations, pooling, Flatten...); `also(module)` may add
+    parameterless leaves it returns True for."""
+    return [m for m in model.modules() if not any(True for _ in m.children())
+            and (include_paramless or _has_params(m) or (also is not None and also(m)))]
 
 
 def module_names(model, modules):
@@ -149,10 +151,14 @@ class HookCallback(Callback):
     def hook(self, module, inp, out):
         "Override: what to compute from a hooked module's input and output on a recorded batch."
 
+    def default_hooked_modules(self, model):
+        "The modules hooked when none are given: see `default_modules` (override to add others)."
+        return default_modules(model, self.include_paramless)
+
     def before_fit(self):
         self._remove()
         model = self.learn.model
-        mods = list(self.modules) if self.modules is not None else default_modules(model, self.include_paramless)
+        mods = list(self.modules) if self.modules is not None else self.default_hooked_modules(model)
         if not mods:
             raise ValueError(f"{type(self).__name__} found no modules to hook in {type(model).__name__}: the model has "
                              "no leaf layer with parameters. Pass modules=[...] or include_paramless=True.")
