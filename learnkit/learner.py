@@ -324,7 +324,7 @@ class Learner:
             with torch.no_grad(): pred = self.model(xb)
         finally: self.model.train(was_training)
         probs = _loss_activation(self.loss_func)(pred[0].float()).cpu()  # sync-ok: one item, on request
-        idx = int(probs.argmax())
+        idx = int(probs.argmax())  # sync-ok: CPU probabilities, predict
         vocab = getattr(self.dls, 'vocab', None)
         return (vocab[idx] if vocab is not None else idx), idx, probs
 

@@ -655,4 +655,5 @@ def _check_range(hist_range):
     if hist_range == 'symmetric': return (-10., 10.)
     if not (isinstance(hist_range, (tuple, list)) and len(hist_range) == 2 and hist_range[0] < hist_range[1]):
         raise ValueError(f"hist_range must be (lo, hi) with lo < hi, or 'symmetric' for (-10, 10); got {hist_range!r}")
-    return (float(hist_range[0]), float(hist_range[1]))
+    lo, hi = hist_range
+    return (float(lo), float(hi))

@@ -275,7 +275,7 @@ class GradientNoiseScale(StatsCallback):
         if not self._rows:
             raise RuntimeError("GradientNoiseScale has no measurement yet: fit with it first (it measures every "
                                f"{self.every or 'few'} training batches)")
-        return float(self.noise_scale.noise_scale.iloc[-1])
+        return float(self.noise_scale.noise_scale.iloc[-1])  # sync-ok: a CPU DataFrame, on request
 
     def tradeoff(self, batch_sizes=(32, 64, 128, 256, 512, 1024, 2048)):
         """What each batch size would cost, by McCandlish et al.'s model with B_noise ~ `critical_batch_size()`:

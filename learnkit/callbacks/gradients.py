@@ -267,7 +267,7 @@ class GradientStats(StatsCallback):
         if not len(x): raise ValueError("GradientStats has recorded nothing yet: add it to a Learner and call fit")
         fig, ax = fig_ax(ax, (7, 4))
         values = self.stats[key]
-        for i, name in enumerate(names): ax.plot(x, values[:, i].numpy(), label=name)
+        for i, name in enumerate(names): ax.plot(x, values[:, i].numpy(), label=name)  # sync-ok: CPU stats, a plot
         if ref is not None: ax.axhline(ref, color='k', linestyle='--', linewidth=1)
         if logy: ax.set_yscale('log')
         ax.set_xlabel('batch'); ax.set_ylabel(ylabel)

@@ -17,8 +17,8 @@ def show_images(images, titles=None, max_n=9, figsize=None):
     for i in range(n):
         ax = fig.add_subplot(nrows, ncols, i + 1)
         img = images[i].detach().cpu().float().clamp(0, 1)  # sync-ok: a plot, on request
-        if img.shape[0] == 1: ax.imshow(img[0].numpy(), cmap='gray', vmin=0, vmax=1)
-        else: ax.imshow(img.permute(1, 2, 0).numpy())
+        if img.shape[0] == 1: ax.imshow(img[0].numpy(), cmap='gray', vmin=0, vmax=1)  # sync-ok: a CPU image, a plot
+        else: ax.imshow(img.permute(1, 2, 0).numpy())  # sync-ok: a CPU image, a plot
         if titles is not None: ax.set_title(str(titles[i]), fontsize=9)
         ax.axis('off')
     fig.tight_layout()
