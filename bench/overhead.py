@@ -3,9 +3,14 @@
 The chapter's simple_cnn + BN (--no-bn: without) on Fashion-MNIST (default 20k training images, bs 64, 2 threads), one
 epoch of 1cycle training plus a validation pass per run. Every configuration iterates the same
 learnkit loader, so only the training loop differs. Runs alternate (raw, learnkit, learnkit +
-ActivationStats, raw, ...) and each round's ratio is taken against that round's raw run; the table
-gives medians, and "best" compares each configuration's fastest epoch with the raw loop's fastest (timeit's
-reading: noise from the rest of the machine only ever adds time).
+ActivationStats, learnkit + the cheap recorders, learnkit + health_cbs(), raw, ...) and each round's ratio is taken
+against that round's raw run; the table gives medians, "best" compares each configuration's fastest epoch with the
+raw loop's fastest (timeit's reading: noise from the rest of the machine only ever adds time), and "best vs
+learnkit" with the default Learner's fastest.
+
+Targets (issue 17, best of >= 11 rounds): ActivationStats(with_hist=True) >= 0.90x the raw loop; health_cbs()
+>= 0.85x; the cheap recorders (InputStats + OutputStats: what the default callbacks could carry) >= 0.98x the
+default Learner.
 
     python bench/overhead.py [--n-train 20000] [--rounds 15] [--no-bn] [--device cpu|cuda]
 """
@@ -18,8 +23,11 @@ from torch import nn
 
 from learnkit import Learner, accuracy
 from learnkit.callbacks.activations import ActivationStats
+from learnkit.callbacks.inputs import InputStats
+from learnkit.callbacks.outputs import OutputStats
 from learnkit.data import DataLoaders, Normalize
 from learnkit.datasets import fashion_mnist
+from learnkit.diagnostics import health_cbs
 from learnkit.models import simple_cnn
 
 
@@ -84,6 +92,9 @@ def main():
         'learnkit (default callbacks)': lambda: learnkit_run(dls, device, args.lr, bn=args.bn),
         'learnkit + ActivationStats(with_hist=True)':
             lambda: learnkit_run(dls, device, args.lr, [ActivationStats(with_hist=True)], args.bn),
+        'learnkit + InputStats + OutputStats':
+            lambda: learnkit_run(dls, device, args.lr, [InputStats(), OutputStats()], args.bn),
+        'learnkit + health_cbs()': lambda: learnkit_run(dls, device, args.lr, health_cbs(show=False), args.bn),
     }
     for run in configs.values(): run()            # warm-up: allocator, kernels, first-touch costs
     times = {name: [] for name in configs}
@@ -95,20 +106,20 @@ def main():
             accs[name] = configs[name]()
             sync(device); times[name].append(time.perf_counter() - t0)
     n_img = len(dls.train) * args.bs + args.n_valid
-    ref = times['raw PyTorch loop']
+    ref, default = times['raw PyTorch loop'], times['learnkit (default callbacks)']
     print(f"simple_cnn({'with' if args.bn else 'without'} batchnorm), device {device}, {args.threads} threads, "
           f"{args.n_train} train + {args.n_valid} valid images, bs {args.bs}, {args.rounds} alternating rounds "
           f"(medians; 'middle half' is the interquartile range of the per-round ratios: how much this machine's "
           f"speed moved between rounds)")
     print(f"{'configuration':<46}{'epoch s':>9}{'img/s':>9}{'ratio':>8}{'middle half':>14}{'best':>7}"
-          f"{'valid acc':>11}")
+          f"{'best vs learnkit':>18}{'valid acc':>11}")
     for name, ts in times.items():
         ratios = [r / t for r, t in zip(ref, ts)]
         quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
         med = statistics.median(ts)
         spread = f"{quartiles[0]:.3f}-{quartiles[2]:.3f}"
         print(f"{name:<46}{med:>9.2f}{n_img / med:>9.0f}{statistics.median(ratios):>8.3f}{spread:>14}"
-              f"{min(ref) / min(ts):>7.3f}{accs[name]:>11.3f}")
+              f"{min(ref) / min(ts):>7.3f}{min(default) / min(ts):>18.3f}{accs[name]:>11.3f}")
 
 
 if __name__ == '__main__':

@@ -13,6 +13,10 @@ from .callbacks.activations import ActivationStats
 from .callbacks.batch_size import BatchSizeScheduler, GradientAccumulation, GradientNoiseScale, noise_scale_estimate
 from .callbacks.core import GatherPredsCallback, TrainEvalCallback
 from .callbacks.gradients import GradientStats
+from .callbacks.inputs import InputStats
+from .callbacks.outputs import OutputStats
+from .callbacks.weights import WeightStats
+from .callbacks.stats import StatsCallback
 from .callbacks.hooks import Hook, HookCallback, Hooks, hook_output, hook_outputs
 from .callbacks.logging import CSVLogger, TensorBoardCallback
 from .callbacks.mixed_precision import MixedPrecision
@@ -26,8 +30,10 @@ from .data import (Brightness, CategoryBlock, CenterCrop, Contrast, DataBlock, D
                    GrandparentSplitter, ImageBlock, IndexSplitter, Normalize, PILImage, PILImageBW, RandomCrop,
                    RandomResizedCrop, RandomSplitter, RegexLabeller, Resize, Rotate, TfmdDL, aug_transforms,
                    get_image_files, parent_label)
+from .data.specs import register_transform
 from .datasets import fashion_mnist, fashion_mnist_tree
-from .diagnostics import ClassificationInterpretation, Finding, HealthReport, Thresholds, diagnose
+from .diagnostics import (ClassificationInterpretation, Finding, HealthMonitor, HealthReport, Thresholds, diagnose,
+                          health_cbs)
 from .experiments import Comparison, compare
 from .learner import Learner, default_callbacks, default_device
 from .metrics import AvgLoss, AvgMetric, AvgSmoothLoss, Metric, accuracy, error_rate
@@ -35,6 +41,8 @@ from .models import (MODELS, BatchNorm, ConvBN, DenseBlock, DepthwiseSeparableCo
                      SEBlock, alexnet, classifier_head, conv, densenet, get_model, googlenet, init_cnn, lenet, max_pool,
                      mobilenet, nin, nin_block, register_model, resnet18, resnet34, se_resnet, simple_cnn,
                      torchvision_model, transition, vgg, vgg_block)
+from .models.vision import IMAGENET_STATS, AdaptiveConcatPool2d, create_head, create_vision_model
 from .optimizer import SGD, Adam, OptimWrapper, RMSProp
+from .transfer import vision_learner
 
 __version__ = '0.1.0'

@@ -9,7 +9,8 @@ It is read with `torch.load(weights_only=True)`: a file that needs arbitrary unp
 on load, as fastai's `load_learner` allows) is refused with `UnsafeCheckpointError`.
 
 `export_learner` / `load_learner` write and read an inference file in the same safe format: weights,
-vocab, normalisation statistics and the model's registry name and arguments (`model.learnkit_spec`).
+vocab, the model's registry name and arguments (`model.learnkit_spec`), and how an item becomes the model's
+input (the image mode and the transforms that act in validation, as names and arguments).
 """
 import io
 import os
@@ -33,6 +34,8 @@ __all__ = ['CheckpointError', 'UnsafeCheckpointError', 'atomic_save', 'safe_load
            'load_learner', 'is_main_process']
 
 CHECKPOINT_FORMAT, EXPORT_FORMAT, VERSION = 'learnkit.checkpoint', 'learnkit.export', 1
+# Export version 2 adds the item pipeline (image mode, item and batch transforms); version 1 files still load.
+VERSIONS = {CHECKPOINT_FORMAT: VERSION, EXPORT_FORMAT: 2}
 
 
 class CheckpointError(RuntimeError):
@@ -235,7 +238,7 @@ def read_checkpoint(file, expected=CHECKPOINT_FORMAT, data=None):
                 EXPORT_FORMAT: 'an exported learner (read it with load_learner)'}.get(kind, 'not a learnkit file')
         want = 'learn.save' if expected == CHECKPOINT_FORMAT else 'learn.export'
         raise CheckpointError(f"{file} is {what}; this needs a file written by {want}")
-    if state.get('version', VERSION + 1) > VERSION:
+    if state.get('version', VERSIONS[expected] + 1) > VERSIONS[expected]:
         raise CheckpointError(f"{file} was written by a newer learnkit (format version {state['version']}); "
                               "upgrade learnkit to read it")
     return state
@@ -368,21 +371,31 @@ class ResumeCallback(Callback):
 
 
 # ---- export for inference -------------------------------------------------------------------------
-def export_learner(learn, path='export.pth'):
+def export_learner(learn, path='export.pth', with_tfms=True):
     """Write what inference needs to `learn.path/path`, with no pickled code: the weights, the model's
     registry name and arguments (`model.learnkit_spec`, from `learnkit.models.register_model`), the vocab,
-    the normalisation statistics of the loaders' `Normalize`, and the loss function's torch.nn class name."""
+    the loss function's torch.nn class name, and how the validation loader prepares an item (`TfmdDL.pipeline`):
+    the image mode ('L' or 'RGB', as the training data), the item transforms (Resize...) and the batch
+    transforms that act in validation (Normalize...), each as its name and arguments (`to_spec()`).
+
+    A transform that cannot be written so (a class not registered with `register_transform`) raises a
+    TypeError naming it. `with_tfms=False` writes no transforms (only the image mode and the Normalize
+    statistics); pass them again to `load_learner(path, item_tfms=..., batch_tfms=...)`."""
     model = bare_model(learn.model)
     spec = getattr(model, 'learnkit_spec', None)
     vocab = getattr(learn.dls, 'vocab', None)
     norm = _find_normalize(getattr(learn.dls, 'train', None))
     loss = type(learn.loss_func)
-    state = {'format': EXPORT_FORMAT, 'version': VERSION, 'state_dict': model.state_dict(),
+    pipe = getattr(getattr(learn.dls, 'valid', None), 'pipeline', None)  # None for plain torch loaders
+    if pipe is None: pipeline = None
+    elif with_tfms: pipeline = pipe.to_spec()
+    else: pipeline = {'mode': pipe.mode, 'item_tfms': None, 'batch_tfms': None}
+    state = {'format': EXPORT_FORMAT, 'version': VERSIONS[EXPORT_FORMAT], 'state_dict': model.state_dict(),
              'model': plain(spec, 'model.learnkit_spec') if spec is not None else None,
              'model_class': f'{type(model).__module__}.{type(model).__qualname__}',
              'vocab': plain(list(vocab), 'dls.vocab') if vocab is not None else None,
              'normalize': {'mean': norm.mean, 'std': norm.std} if norm is not None else None,
-             'n_inp': getattr(learn.dls, 'n_inp', 1),
+             'pipeline': pipeline, 'n_inp': getattr(learn.dls, 'n_inp', 1),
              'loss_func': loss.__name__ if getattr(nn, loss.__name__, None) is loss else None}
     return atomic_save(state, Path(learn.path) / path)
 
@@ -395,36 +408,60 @@ def _find_normalize(dl):
 
 
 class ExportedData:
-    """The data side of a loaded learner: no loaders, but the `vocab`, `c`, `n_inp` and the `normalize`
-    batch transform (or None) that inputs must go through before `learn.model`, as the loaders did."""
+    """The data side of a loaded learner: no loaders, but the `vocab`, `c`, `n_inp` and the `pipeline` (an
+    `ItemPipeline`) that makes an item into the model's input as the validation loader did."""
     train = valid = None
 
-    def __init__(self, vocab, normalize, n_inp):
-        self.vocab, self.normalize, self.n_inp = vocab, normalize, n_inp
+    def __init__(self, vocab, pipeline, n_inp):
+        self.vocab, self.pipeline, self.n_inp = vocab, pipeline, n_inp
 
     @property
     def c(self): return len(self.vocab) if self.vocab is not None else None
 
+    @property
+    def normalize(self):
+        "The pipeline's `Normalize`, or None."
+        return next((t for t in self.pipeline.batch_tfms if type(t).__name__ == 'Normalize'), None)
+
     def prepare(self, item):
-        """One item (an image file's path, a PIL image or an image tensor, as the training data held it) as a
-        float batch of one, normalised as the loaders did. Files are decoded with as many channels as the
-        statistics have; item transforms (Resize...) are not exported, so files must have the training size."""
-        from .data.items import item_batch, item_tensor, mode_for
-        channels = len(self.normalize.mean) if self.normalize is not None else None
-        tfms = [self.normalize] if self.normalize is not None else []
-        return item_batch(item_tensor(item, mode_for(channels)), tfms, 'cpu')
+        """One item (an image file's path, a PIL image or an image tensor) as a float batch of one, as the
+        validation loader made its batches: decoded in the exported image mode, through the item transforms
+        (Resize...), scaled, then through the batch transforms that act in validation (Normalize...)."""
+        return self.pipeline(item, 'cpu')
 
-    def __repr__(self): return f"ExportedData(vocab={self.vocab}, normalize={self.normalize})"
+    def __repr__(self): return f"ExportedData(vocab={self.vocab}, pipeline={self.pipeline})"
 
 
-def load_learner(path, model=None, loss_func=None, device=None):
+def _exported_pipeline(state, file, item_tfms, batch_tfms):
+    "The `ItemPipeline` of an export: the transforms the file names, each replaced by `item_tfms`/`batch_tfms` if given."
+    from .data.items import ItemPipeline, mode_for
+    from .data.loaders import check_batch_tfms
+    from .data.specs import transform_from_spec
+    from .data.transforms import Normalize, check_item_tfms
+    norm = state['normalize']
+    # A version-1 file (or one written with_tfms=False) has no transforms: only its Normalize, whose channel
+    # count gives the mode files are decoded in.
+    spec = state.get('pipeline') or {'mode': mode_for(len(norm['mean'])) if norm is not None else None,
+                                     'item_tfms': None, 'batch_tfms': None}
+    if item_tfms is None: item_tfms = [transform_from_spec(t, file) for t in spec['item_tfms'] or ()]
+    if batch_tfms is None:
+        if spec['batch_tfms'] is not None: batch_tfms = [transform_from_spec(t, file) for t in spec['batch_tfms']]
+        else: batch_tfms = [Normalize(norm['mean'], norm['std'])] if norm is not None else []
+    return ItemPipeline(spec['mode'], check_item_tfms(item_tfms), check_batch_tfms(batch_tfms))
+
+
+def load_learner(path, model=None, loss_func=None, device=None, item_tfms=None, batch_tfms=None):
     """A Learner for inference from a file written by `learn.export`, read without unpickling anything.
 
     The model is rebuilt from learnkit's registry (`get_model(name, **kwargs)`) unless `model` is given:
     an `nn.Module` to load the weights into, or a callable called with the saved constructor arguments
-    (none if the model was not built by a registered constructor). `learn.dls` holds the vocab and the
-    `Normalize` to apply to raw inputs; `learn.predict(item)` applies it, as the loaders did."""
-    from .data.transforms import Normalize
+    (none if the model was not built by a registered constructor). The exported transforms are rebuilt by
+    name (`register_transform`); `item_tfms` / `batch_tfms`, when given, replace them. `learn.predict(item)`
+    then prepares a file, PIL image (any mode: converted to the training data's L or RGB) or image tensor of
+    any size as the validation loader did: item transforms (Resize...), scaling, Normalize.
+
+    Files exported before learnkit exported transforms (or with `with_tfms=False`) hold only the Normalize
+    statistics: their inputs must already have the training size, unless `item_tfms` is given."""
     from .learner import Learner
     from .models import get_model
     state = read_checkpoint(path, EXPORT_FORMAT)
@@ -441,9 +478,7 @@ def load_learner(path, model=None, loss_func=None, device=None):
     if not isinstance(net, nn.Module):
         raise TypeError(f"model={model!r} returned {type(net).__name__}, not an nn.Module")
     _load_weights(net, state['state_dict'], path)
-    norm = state['normalize']
-    dls = ExportedData(state['vocab'], Normalize(norm['mean'], norm['std']) if norm is not None else None,
-                       state['n_inp'])
+    dls = ExportedData(state['vocab'], _exported_pipeline(state, path, item_tfms, batch_tfms), state['n_inp'])
     if loss_func is None and state['loss_func'] is not None: loss_func = getattr(nn, state['loss_func'])()
     if loss_func is None and dls.vocab is None:
         raise ValueError(f"{path} records neither a torch.nn loss nor a vocab; pass loss_func=...")

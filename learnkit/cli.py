@@ -33,8 +33,9 @@ def build_parser():
     t.add_argument('--out', type=Path, default=Path('runs/chapter'), help='run directory to write')
     t.add_argument('--seed', type=int, default=0, help='random seed for init and data order')
     t.add_argument('--diagnostics', action=argparse.BooleanOptionalAction, default=True,
-                   help='record ActivationStats(with_hist=True) and GradientStats, and write plots/layer_stats.png, '
-                        'plots/color_dim.png and report.md (the health report)')
+                   help='record what the health report reads (health_cbs(): inputs, outputs, ActivationStats with '
+                        'histograms, GradientStats, weights; new problems are printed as they appear), and write '
+                        'plots/layer_stats.png, plots/color_dim.png, plots/gradients.png and report.md (the health report)')
     t.add_argument('--n-train', type=int, default=None, help='use only the first N training images (quick runs)')
     t.add_argument('--n-valid', type=int, default=None, help='use only the first N validation images')
     return parser
@@ -45,9 +46,8 @@ def train(args):
     import torch
     from torch import nn
 
-    from .callbacks.activations import ActivationStats
     from .callbacks.distributed import is_rank0
-    from .callbacks.gradients import GradientStats
+    from .callbacks.monitor import health_cbs
     from .data import DataLoaders, Normalize
     from .datasets import fashion_mnist
     from .learner import Learner
@@ -62,7 +62,7 @@ def train(args):
     x_valid, y_valid = data.x_valid[:args.n_valid], data.y_valid[:args.n_valid]
     dls = DataLoaders.from_tensors(x_train, y_train, x_valid, y_valid, bs=args.bs, batch_tfms=[Normalize()],
                                    vocab=data.classes, seed=args.seed)
-    cbs = [ActivationStats(with_hist=True), GradientStats()] if args.diagnostics else []
+    cbs = health_cbs() if args.diagnostics else []
     learn = Learner(dls, simple_cnn(bn=args.bn), loss_func=nn.CrossEntropyLoss(), metrics=accuracy, cbs=cbs)
     out = args.out
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != 'command'}

@@ -211,8 +211,26 @@ def _describe(finding):
 
 class Comparison:
     """What `compare` returns: `df` (one row per run), `runs` (config, seed, learner, counter) and `learners`.
-    Shows as its table in a notebook."""
+
+    It reads as its table, a pandas DataFrame: `len(res)` runs, `res.columns`, `res['valid_loss']`,
+    `res.loc[...]`, `res.iloc[...]`, `res.shape`, iteration over the column names, and the table in a notebook.
+    Anything else a DataFrame does is `res.df`."""
     def __init__(self, df, runs): self.df, self.runs = df, runs
+
+    # The DataFrame's reading side, spelled out (no attribute forwarding: a reader finds each one here).
+    def __len__(self): return len(self.df)
+    def __getitem__(self, key): return self.df[key]
+    def __iter__(self): return iter(self.df)
+    @property
+    def columns(self): return self.df.columns
+    @property
+    def index(self): return self.df.index
+    @property
+    def shape(self): return self.df.shape
+    @property
+    def loc(self): return self.df.loc
+    @property
+    def iloc(self): return self.df.iloc
 
     @property
     def learners(self): return [r.learn for r in self.runs]

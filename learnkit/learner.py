@@ -345,6 +345,24 @@ class Learner:
         "The learning-rate finder; returns SuggestedLRs(valley, minimum, steep). Weights are left unchanged."
         return schedule.lr_find(self, start_lr, end_lr, num_it, stop_div, show_plot)
 
+    def freeze_to(self, n):
+        "Freeze the splitter's parameter groups before group `n`; see `learnkit.transfer.freeze_to`."
+        from .transfer import freeze_to
+        return freeze_to(self, n)
+
+    def freeze(self):
+        "Freeze every parameter group but the last (the head), as `freeze_to(-1)`."
+        return self.freeze_to(-1)
+
+    def unfreeze(self):
+        "Train every parameter group again, as `freeze_to(0)`."
+        return self.freeze_to(0)
+
+    def fine_tune(self, epochs, base_lr=2e-3, freeze_epochs=1, lr_mult=100, pct_start=0.3, div=5.0, **kwargs):
+        "Frozen 1cycle epochs, then unfrozen ones with discriminative rates; see `learnkit.transfer.fine_tune`."
+        from .transfer import fine_tune
+        return fine_tune(self, epochs, base_lr, freeze_epochs, lr_mult, pct_start, div, **kwargs)
+
     def distrib_ctx(self, timeout=distributed.DEFAULT_TIMEOUT, **ddp_kwargs):
         "Data-parallel training inside a `with` block; see `learnkit.callbacks.distributed.distrib_ctx`."
         return distributed.distrib_ctx(self, timeout, **ddp_kwargs)
@@ -358,9 +376,9 @@ class Learner:
         checkpoint.load_checkpoint(self, name, with_opt=with_opt)
         return self
 
-    def export(self, path='export.pth'):
-        "Write weights, model spec, vocab and normalisation to `path/{path}` for `load_learner`."
-        return checkpoint.export_learner(self, path)
+    def export(self, path='export.pth', with_tfms=True):
+        "Write weights, model spec, vocab and the validation transforms to `path/{path}`; see `export_learner`."
+        return checkpoint.export_learner(self, path, with_tfms)
 
     def compile(self, **kwargs):
         """Compile the model in place with `torch.compile(**kwargs)` (mode, backend, dynamic...): `learn.model`

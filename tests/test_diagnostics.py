@@ -14,14 +14,19 @@ from learnkit.callbacks.activations import ActivationStats
 from learnkit.callbacks.gradients import GradientStats
 from learnkit.data import DataLoaders, Normalize
 from learnkit.datasets import FASHION_MNIST_CLASSES
-from learnkit.diagnostics import ClassificationInterpretation, Finding, HealthReport, Thresholds, diagnose
-from learnkit.diagnostics.health import _cycles, _RunData, check_overfitting
+from learnkit.diagnostics import ClassificationInterpretation, Finding, HealthReport, Thresholds, diagnose, health_cbs
+from learnkit.diagnostics.checks_layers import cycles as _cycles
+from learnkit.diagnostics.checks_loss import check_overfitting
+from learnkit.diagnostics.health import CHECKS, RunData as _RunData
 from learnkit.models import simple_cnn
 
 
 def learner(dls, model=None, stats=True, **kw):
+    "A Learner with every callback the report reads (`health_cbs()`, dead-unit windows of 5), or none."
     torch.manual_seed(0)
-    cbs = [ActivationStats(with_hist=True), GradientStats(dead_window=5)] if stats else []
+    cbs = health_cbs(show=False) if stats else []
+    for cb in cbs:
+        if isinstance(cb, GradientStats): cb.dead_window = 5
     return Learner(dls, model or simple_cnn(bn=True), loss_func=F.cross_entropy, metrics=accuracy, cbs=cbs,
                    device='cpu', **kw)
 
@@ -38,8 +43,8 @@ def test_healthy_run_has_no_errors_and_renders(healthy, capsys):
     report = healthy.diagnose()
     printed = capsys.readouterr().out
     assert printed.startswith('Health report:') and 'Checked:' in printed
-    assert not report.errors, str(report)
-    assert not report.skipped and len(report.checked) == 8
+    assert not report.errors and not report.warnings, str(report)
+    assert not report.skipped and report.checked == [c.name for c in CHECKS]
     md = report.to_markdown()
     assert md.startswith('## Health report') and report._repr_markdown_() == md
     assert not diagnose(healthy, show=False).errors and capsys.readouterr().out == ''
@@ -62,6 +67,14 @@ def test_thresholds_are_documented_parameters(healthy):
     assert all(f'`{n}`' in Thresholds.__doc__ for n in names)
     with pytest.raises(TypeError, match='unknown threshold.*collapse_near_zero'):
         diagnose(healthy, show=False, collapse_nearzero=0.9)
+    with pytest.raises(ValueError, match=r'threshold collapse_near_zero must be a fraction in \(0, 1\]; got 1.5'):
+        diagnose(healthy, show=False, collapse_near_zero=1.5)
+    with pytest.raises(ValueError, match='threshold oscillation_swings must be an int >= 1'):
+        Thresholds(oscillation_swings=2.5)
+    with pytest.raises(ValueError, match='threshold grad_exploding must be a number > 0'):
+        diagnose(healthy, show=False, grad_exploding='100')
+    with pytest.raises(ValueError, match='update_ratio_low .* must be below update_ratio_high'):
+        Thresholds(update_ratio_low=0.5)
     # A stricter threshold finds what the default tolerates: a layer's near-zero share above 0.3.
     strict = diagnose(healthy, show=False, collapse_near_zero=0.3)
     assert strict.by_check('activation_collapse') and not diagnose(healthy, show=False).by_check('activation_collapse')
@@ -73,7 +86,9 @@ def test_without_stats_the_report_says_what_it_skipped(fmnist):
     report = diagnose(learn, show=False)
     assert 'ActivationStats()' in report.skipped['activation_collapse']
     assert 'GradientStats()' in report.skipped['update_ratio']
-    assert report.checked == ['nonfinite', 'loss_progress', 'overfitting']
+    assert 'InputStats()' in report.skipped['inputs'] and 'WeightStats()' in report.skipped['unchanged_layers']
+    assert report.checked == ['nonfinite', 'loss_progress', 'oscillating_loss', 'overfitting']
+    assert set(report.checked) | set(report.skipped) == {c.name for c in CHECKS}
 
 
 def test_nan_in_the_data_is_an_error_naming_the_batch(fmnist):
@@ -82,28 +97,55 @@ def test_nan_in_the_data_is_an_error_naming_the_batch(fmnist):
     dls = DataLoaders(DataLoader(TensorDataset(x, y), 64), DataLoader(TensorDataset(xv, yv), 128))
     learn = learner(dls)
     learn.fit(1, 1e-3)
-    found = diagnose(learn, show=False).by_check('nonfinite')
+    report = diagnose(learn, show=False)
+    found = report.by_check('nonfinite')
     assert {f.severity for f in found} == {'error'}
-    assert found[0].batches[0] == 4 and 'loss became nan at batch 4' in found[0].message
+    # The root cause is the data, found by InputStats at batch 4; the loss and the layers went NaN because of it.
+    root, = report.root_causes
+    assert root.layer == 'inputs' and root.batches[0] == 4 and 'clean the data' in root.advice
+    assert any('loss became nan at batch 4' in f.message and f.cause == root.key for f in found)
     assert any(f.layer == '0.0 Conv2d' and f.batches[0] == 4 for f in found)  # the first layer's activations
+    assert all(f.cause is not None for f in report if f is not root and f.severity != 'info')
+    # Without InputStats, the earliest place the NaN shows (the first layer's activations) leads.
+    learn = learner(dls)
+    learn.remove_cb(learn.input_stats)
+    learn.fit(1, 1e-3)
+    root, = diagnose(learn, show=False).root_causes
+    assert root.check == 'nonfinite' and root.layer == '0.0 Conv2d' and 'learning rate' in root.advice
 
 
-def test_a_learning_rate_of_zero_makes_no_progress_and_tiny_updates(fmnist):
+def test_a_learning_rate_far_too_low_is_named_and_explains_the_lack_of_progress(fmnist):
     learn = learner(torch_dls(fmnist, n_train=640, n_valid=128))
     learn.fit(2, 1e-9)
     report = diagnose(learn, show=False)
-    assert report.by_check('no_progress')[0].severity == 'error'
+    root, = report.root_causes
+    assert root.check == 'lr_too_low' and root.severity == 'error' and 'raise the learning rate' in root.advice
+    assert report.by_check('no_progress')[0].cause == 'lr_too_low'
     low = report.by_check('update_ratio')
-    assert len(low) == 10 and all('far below' in f.message and f.value < 1e-5 for f in low)
+    assert len(low) == 10 and all('far below' in f.message and f.value < 1e-5 and f.cause for f in low)
+    # The advice never says the opposite of the evidence: nothing tells this run to lower its learning rate.
+    assert not any('lower the learning rate' in f.advice for f in report.root_causes)
+
+
+def test_a_learning_rate_of_zero_leaves_every_layer_unchanged(fmnist):
+    learn = learner(torch_dls(fmnist, n_train=320, n_valid=128))
+    learn.fit(1, 0.)
+    unchanged = diagnose(learn, show=False).by_check('unchanged_layers')
+    assert len(unchanged) == 10 and all("learning rate is not 0" in f.advice for f in unchanged)
 
 
 def test_overfitting_a_tiny_training_set(fmnist):
-    learn = learner(torch_dls(fmnist, n_train=64, n_valid=128, bs=16), stats=False)
-    learn.fit(20, 1e-2)
+    # An MLP without weight decay memorises 128 images; its valid loss is at its best by epoch 5, then rises.
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10))
+    learn = learner(torch_dls(fmnist, n_train=128, n_valid=128, bs=16), model=mlp, stats=False, wd=0.)
+    learn.fit(20, 1e-3)
     found = diagnose(learn, show=False).by_check('overfitting')
-    train_loss, valid_loss = learn.recorder.values[-1][:2]
+    train, valid = [v[0] for v in learn.recorder.values], [v[1] for v in learn.recorder.values]
+    best = valid.index(min(valid))
+    assert valid[-1] > 1.1 * valid[best] and train[-1] < train[best]  # the run really overfits
     assert len(found) == 1 and found[0].severity == 'warning'
-    assert found[0].message.startswith(f"the final valid loss {valid_loss:.3g} is {valid_loss / train_loss:.1f}x")
+    assert f"the valid loss rose from {valid[best]:.3g} (epoch {best})" in found[0].message
 
 
 def test_a_rising_valid_loss_is_overfitting():
@@ -111,6 +153,16 @@ def test_a_rising_valid_loss_is_overfitting():
     found = check_overfitting(_RunData(epochs=epochs), Thresholds())
     assert len(found) == 1 and 'rose from 0.6 (epoch 1) to 0.7 (epoch 3)' in found[0].message
     assert not check_overfitting(_RunData(epochs=epochs[:2]), Thresholds())
+
+
+def test_a_large_gap_alone_is_not_overfitting():
+    # A valid loss three times the training loss, still at its best at the last epoch: a healthy run.
+    epochs = [(1.0, 1.2), (0.5, 1.0), (0.3, 0.95), (0.2, 0.9), (0.1, 0.6)]
+    assert not check_overfitting(_RunData(epochs=epochs), Thresholds())
+    # The gap growing for 3 epochs while the valid loss stalls is.
+    epochs = [(1.0, 1.2), (0.5, 0.80), (0.3, 0.80), (0.2, 0.80), (0.1, 0.801)]
+    found = check_overfitting(_RunData(epochs=epochs), Thresholds())
+    assert len(found) == 1 and 'the gap between valid and training loss grew' in found[0].message
 
 
 def test_growth_then_collapse_cycles_are_counted():

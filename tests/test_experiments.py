@@ -39,6 +39,10 @@ def test_table_has_config_results_throughput_steps_and_scaled_lr(slice_):
     assert (df.images_per_s > 0).all() and df.train_loss.map(math.isfinite).all()
     assert [r.learn.recorder.lrs[0] for r in res.runs] == pytest.approx([1e-3, 4e-3])
     assert len(res.learners) == 2 and res.learners[1].dls.train.bs == 128
+    # The result reads as its table, as a DataFrame would.
+    assert len(res) == 2 and list(res.columns) == list(df.columns) and list(res) == list(df.columns)
+    assert list(res['bs']) == [32, 128] and res.loc[1, 'steps'] == 512 // 128 and res.iloc[0]['bs'] == 32
+    assert res.shape == df.shape and res._repr_html_() == df._repr_html_()
     sqrt = compare(recipe(slice_), [{'bs': 32}, {'bs': 128}], fit='fit', lr=1e-3, lr_scaling='sqrt')
     assert list(sqrt.df.lr) == pytest.approx([1e-3, 2e-3])
 

@@ -10,7 +10,7 @@ from torch import nn
 from learnkit.models import (MODELS, BatchNorm, ConvBN, DepthwiseSeparableConv, Flatten, ResBlock, SEBlock, conv,
                              get_model, init_cnn, register_model, simple_cnn, torchvision_model)
 
-CLASSIC = sorted(set(MODELS) - {'simple_cnn', 'torchvision_model'})
+CLASSIC = sorted(set(MODELS) - {'simple_cnn', 'torchvision_model', 'vision_model'})
 
 
 @pytest.fixture(scope='module')
@@ -220,9 +220,12 @@ def test_torchvision_model_never_downloads_and_says_why(tmp_path):
 
 # ---- registry --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize('name,kwargs', [(n, {}) for n in sorted(MODELS) if n != 'torchvision_model']
+@pytest.mark.parametrize('name,kwargs', [(n, {}) for n in sorted(MODELS) if n not in ('torchvision_model', 'vision_model')]
                          + [('vgg', {'arch': ((1, 8), (2, 16)), 'fc': 32}), ('simple_cnn', {'bn': True}),
-                            ('torchvision_model', {'name': 'mobilenet_v3_small', 'n_out': 4})])
+                            ('torchvision_model', {'name': 'mobilenet_v3_small', 'n_out': 4}),
+                            ('vision_model', {'arch': 'mobilenet_v3_small', 'n_out': 4, 'n_in': 1}),
+                            ('vision_model', {'arch': {'name': 'mobilenet', 'kwargs': {'width_mult': 0.25}}, 'n_out': 4,
+                                              'n_in': 1})])
 def test_a_model_rebuilds_from_its_json_spec(name, kwargs):
     model = get_model(name, **kwargs).eval()
     spec = json.loads(json.dumps(model.learnkit_spec))

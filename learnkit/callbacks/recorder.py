@@ -3,9 +3,9 @@ import time
 
 import torch
 
-from ..callback import Callback
 from ..metrics import AvgLoss, AvgSmoothLoss
 from ..records import TensorLog
+from .stats import StatsCallback
 
 __all__ = ['Recorder', 'format_time', 'lr_find_curve']
 
@@ -17,7 +17,7 @@ def format_time(t):
     return f'{h}:{m:02d}:{s:02d}' if h else f'{m:02d}:{s:02d}'
 
 
-class Recorder(Callback):
+class Recorder(StatsCallback):
     """Records the smoothed training loss, lr and mom for every training batch, and one row per epoch:
     `epoch, train_loss, valid_loss, <metrics>, <extra columns>, time`.
 
@@ -25,8 +25,11 @@ class Recorder(Callback):
     read back in one transfer at the end of the epoch. `values` holds fastai's rows (train_loss,
     valid_loss, metrics..., extra columns); `log` the last full row; `df` the whole table as a DataFrame.
     Other callbacks add columns by defining `epoch_columns()` returning `{name: value}`.
+    It follows the statistics protocol (`learnkit.callbacks.stats`): its device records are the per-batch losses.
     """
     order = 50
+    record_schema = {'loss': 'per training batch, the smoothed (debiased) training loss',
+                     'batch_loss': "per training batch, that batch's own loss (recovered from the smoothing)"}
 
     def __init__(self, add_time=True, beta=0.98):
         self.add_time = add_time
@@ -108,9 +111,18 @@ class Recorder(Callback):
     @property
     def losses(self):
         "Smoothed (debiased) training loss per batch, as a list of floats (read from the device now)."
-        raw = self._raw_losses.numpy()  # sync-ok: read on request
+        return self.stats['loss'].tolist()  # sync-ok: CPU tensor, read on request
+
+    def device_records(self):
+        return {'smooth': self._raw_losses.values()} if len(self._raw_losses) else {}
+
+    def summarize(self, raw):
+        "`loss` (smoothed, debiased) and `batch_loss` per training batch, in float64, from the moving average."
+        smooth = raw.get('smooth', torch.zeros(0)).double().reshape(-1)
         beta = self.smooth_loss.beta
-        return [float(v) / (1 - beta ** (i + 1)) for i, v in enumerate(raw)]
+        steps = torch.arange(1, len(smooth) + 1, dtype=torch.float64)
+        previous = torch.cat([smooth.new_zeros(1), smooth[:-1]])  # the average starts at 0 (see AvgSmoothLoss)
+        return {'loss': smooth / (1 - beta ** steps), 'batch_loss': (smooth - beta * previous) / (1 - beta)}
 
     @property
     def df(self):

@@ -3,8 +3,10 @@ cache, batched and augmented on the device."""
 from .block import (CategoryBlock, DataBlock, FuncSplitter, GrandparentSplitter, ImageBlock, IndexSplitter, PILImage,
                     PILImageBW, RandomSplitter, RegexLabeller, get_image_files, parent_label)
 from .images import IMAGE_EXTENSIONS, ImageDecodeError, read_image
+from .items import ItemPipeline
 from .loaders import DataLoaders, TfmdDL
 from .show import show_images
+from .specs import TRANSFORMS, register_transform, transform_from_spec
 from .transforms import (Augmentation, BatchTransform, Brightness, CenterCrop, Contrast, Flip, ItemTransform, Normalize,
                          RandomCrop, RandomResizedCrop, Resize, Rotate, aug_transforms)
 
@@ -12,4 +14,5 @@ __all__ = ['DataBlock', 'ImageBlock', 'CategoryBlock', 'PILImage', 'PILImageBW',
            'RandomSplitter', 'GrandparentSplitter', 'FuncSplitter', 'IndexSplitter', 'parent_label', 'RegexLabeller',
            'TfmdDL', 'DataLoaders', 'Resize', 'RandomResizedCrop', 'CenterCrop', 'Normalize', 'Flip', 'Rotate',
            'Brightness', 'Contrast', 'RandomCrop', 'aug_transforms', 'ItemTransform', 'BatchTransform', 'Augmentation',
-           'IMAGE_EXTENSIONS', 'ImageDecodeError', 'read_image', 'show_images']
+           'IMAGE_EXTENSIONS', 'ImageDecodeError', 'read_image', 'show_images',
+           'ItemPipeline', 'TRANSFORMS', 'register_transform', 'transform_from_spec']

@@ -9,7 +9,7 @@ import torch
 from .images import IMAGE_EXTENSIONS
 from .loaders import DataLoaders, check_batch_tfms
 from .sources import ImageFiles
-from .transforms import BatchTransform, ItemTransform
+from .transforms import check_item_tfms
 
 __all__ = ['PILImage', 'PILImageBW', 'ImageBlock', 'CategoryBlock', 'DataBlock', 'get_image_files',
            'RandomSplitter', 'GrandparentSplitter', 'FuncSplitter', 'IndexSplitter', 'parent_label', 'RegexLabeller']
@@ -162,15 +162,6 @@ class IndexSplitter:
 
 
 # ------------------------------------------------------------------------------------------------- DataBlock
-def _item_tfms(tfms):
-    tfms = [] if tfms is None else list(tfms) if isinstance(tfms, (list, tuple)) else [tfms]
-    for t in tfms:
-        if isinstance(t, BatchTransform): raise TypeError(f"{t!r} is a batch transform: pass it in batch_tfms, not item_tfms")
-        if not isinstance(t, ItemTransform):
-            raise TypeError(f"item_tfms takes learnkit item transforms (Resize, CenterCrop, RandomResizedCrop), got {t!r}")
-    return tfms
-
-
 class DataBlock:
     """How to build DataLoaders from a source, the fastai way:
 
@@ -189,7 +180,7 @@ class DataBlock:
         self.image_block, self.category_block = blocks
         self.get_items, self.get_x, self.get_y = get_items, get_x, get_y
         self.splitter = RandomSplitter() if splitter is None else splitter
-        self.item_tfms, self.batch_tfms = _item_tfms(item_tfms), check_batch_tfms(batch_tfms)
+        self.item_tfms, self.batch_tfms = check_item_tfms(item_tfms), check_batch_tfms(batch_tfms)
 
     def dataloaders(self, source, bs=64, val_bs=None, device=None, seed=None, num_workers=None, on_error='raise',
                     cache_budget=None, device_cache_budget=None):

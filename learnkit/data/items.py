@@ -3,7 +3,8 @@
 An item is what a user has at hand when they ask for a prediction: an image file's path, a PIL image, or an
 image tensor as the data set stores it (uint8 0..255, or float in [0, 1]; (H, W) or (C, H, W)). It goes through
 what the loader's batches went through: decoding with the source's item transforms (Resize...), scaling to
-float, then the batch transforms without augmentation (Normalize...).
+float, then the batch transforms without augmentation (Normalize...). `ItemPipeline` holds those steps; a
+loader's and a loaded export's `prepare` are both one.
 """
 import os
 
@@ -12,7 +13,7 @@ import torch
 from .images import read_image
 from .transforms import Normalize
 
-__all__ = ['item_tensor', 'item_batch', 'to_float', 'mode_for']
+__all__ = ['item_tensor', 'item_batch', 'to_float', 'mode_for', 'ItemPipeline']
 
 
 def mode_for(channels):
@@ -38,6 +39,10 @@ def item_tensor(item, mode=None, prep=()):
             raise ValueError(f"an item is one image, (H, W) or (C, H, W); got shape {tuple(item.shape)}. For a "
                              f"batch, call learn.model on it, or learn.get_preds on a loader")
         img = item
+        if mode is not None and img.shape[0] != len(mode):
+            raise ValueError(f"predict got an image tensor with {img.shape[0]} channels, but the model takes {mode} "
+                             f"images ({len(mode)} channel{'s' * (len(mode) > 1)}); pass the file's path or a PIL "
+                             f"image, which are converted to {mode}, or a tensor of {len(mode)} channels")
     elif hasattr(item, 'convert') and hasattr(item, 'size'):  # a PIL image, without importing PIL for everyone
         from torchvision.transforms.v2.functional import pil_to_tensor
         img = pil_to_tensor(item.convert(mode) if mode else item)
@@ -60,3 +65,28 @@ def item_batch(x, batch_tfms, device):
     xb = to_float(x[None].to(device))
     for t in batch_tfms: xb = t(xb, False)
     return xb
+
+
+class ItemPipeline:
+    """How one item becomes the model's input, exactly as a loader's validation batches are made: decode files
+    and PIL images in `mode` ('L' or 'RGB'; None keeps a PIL image's own), apply the item transforms'
+    `prepare`, scale to float, then the batch transforms with `train=False`.
+
+    `to_spec()` writes it as plain values (the mode and each transform's name and arguments), keeping only
+    the batch transforms that act in validation, for `learn.export`; `load_learner` rebuilds it."""
+    def __init__(self, mode=None, item_tfms=(), batch_tfms=()):
+        if mode not in (None, 'L', 'RGB'): raise ValueError(f"ItemPipeline(mode={mode!r}): use 'L', 'RGB' or None")
+        self.mode, self.item_tfms, self.batch_tfms = mode, tuple(item_tfms), tuple(batch_tfms)
+
+    def __call__(self, item, device='cpu'):
+        "`item` (a path, a PIL image or an image tensor) as a float batch of one on `device`."
+        return item_batch(item_tensor(item, self.mode, self.item_tfms), self.batch_tfms, device)
+
+    def to_spec(self) -> dict:
+        """`{'mode': ..., 'item_tfms': [spec...], 'batch_tfms': [spec...]}`; raises a TypeError naming any
+        transform that cannot be written as a name and arguments (augmentations, a no-op here, are left out)."""
+        return {'mode': self.mode, 'item_tfms': [t.to_spec() for t in self.item_tfms],
+                'batch_tfms': [t.to_spec() for t in self.batch_tfms if t.acts_in_validation]}
+
+    def __repr__(self):
+        return f"ItemPipeline(mode={self.mode!r}, item_tfms={list(self.item_tfms)}, batch_tfms={list(self.batch_tfms)})"

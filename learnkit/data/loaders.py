@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .items import item_batch, item_tensor, mode_for, to_float as _to_float
+from .items import ItemPipeline, mode_for, to_float as _to_float
 from .show import show_images
 from .sources import DatasetSource, ImageFiles, TensorSource
 from .transforms import BatchTransform, ItemTransform
@@ -186,13 +186,18 @@ class TfmdDL:
         """One item as the data holds it (an image file's path, a PIL image, or an image tensor: uint8 0..255 or
         float in [0, 1], (H, W) or (C, H, W)) as this loader batches its items: a float batch of one on `device`,
         after the source's item transforms (Resize...) and the batch transforms, without augmentation. This is
-        what `Learner.predict` feeds the model."""
+        what `Learner.predict` feeds the model, through `self.pipeline` (which `learn.export` writes)."""
+        return self.pipeline(item, self.device)
+
+    @property
+    def pipeline(self) -> ItemPipeline:
+        "The steps `prepare` takes: decoding mode, the source's item transforms, the batch transforms."
         source = self.source
         if isinstance(source, ImageFiles): mode, prep = source.mode, source.prep
         else:  # tensors: files and PIL images are decoded with as many channels as the data has
             channels = source.host_x.shape[1] if isinstance(source, TensorSource) else None
             mode, prep = mode_for(channels), ()
-        return item_batch(item_tensor(item, mode, prep), self.batch_tfms, self.device)
+        return ItemPipeline(mode, prep, self.batch_tfms)
 
     def decode(self, xb):
         "Undo the batch transforms that can be undone (Normalize), giving images in [0, 1]."

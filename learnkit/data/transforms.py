@@ -8,15 +8,20 @@ so the cache holds one fixed-size uint8 image per item.
 Batch transforms are called as `tfm(x, train)` on a float (N, C, H, W) batch in [0, 1]; augmentations act only
 when `train` is true. They run sorted by `order` (augmentations first, `Normalize` last) and each has a
 `decode` so that `show_batch` can show the real images.
+
+Every transform has `to_spec()`, its name and arguments as plain values (see `specs.py`), so that an export can
+rebuild what it does outside training without pickling code.
 """
 import math
 
 import torch
 import torch.nn.functional as F
 
+from .specs import Specified, register_transform
+
 __all__ = ['ItemTransform', 'Resize', 'CenterCrop', 'RandomResizedCrop',
            'BatchTransform', 'Augmentation', 'Normalize', 'Flip', 'Rotate', 'Brightness', 'Contrast', 'RandomCrop',
-           'aug_transforms']
+           'aug_transforms', 'check_item_tfms']
 
 
 def _pair(size):
@@ -26,15 +31,14 @@ def _pair(size):
 
 
 # ----------------------------------------------------------------------------------------------- item transforms
-class ItemTransform:
+class ItemTransform(Specified):
     "Base of item transforms: `prepare(img)` maps one uint8 (C, H, W) image to another, deterministically."
     batch_part = None  # a training-only BatchTransform holding the random rest, if any
 
     def prepare(self, img): raise NotImplementedError
 
-    def __repr__(self): return f"{type(self).__name__}({self.size})"
 
-
+@register_transform
 class Resize(ItemTransform):
     """Bring every image to `size` (int or (h, w)). `method='crop'` scales the short side to fit and crops the
     centre, 'pad' scales the long side to fit and pads with zeros, 'squish' stretches. Unlike fastai, 'crop'
@@ -56,6 +60,7 @@ class Resize(ItemTransform):
     def __repr__(self): return f"Resize({self.size}, method={self.method!r})"
 
 
+@register_transform
 class CenterCrop(ItemTransform):
     "Crop the centre `size` (int or (h, w)) of each image, padding with zeros where the image is smaller."
     def __init__(self, size): self.size = _pair(size)
@@ -79,21 +84,26 @@ class RandomResizedCrop(ItemTransform):
 
     def prepare(self, img): return self._resize.prepare(img)
 
+    def to_spec(self):
+        "What it does outside training, which is all a prediction needs: `Resize(size, 'crop')`."
+        return self._resize.to_spec()
+
     def __repr__(self): return f"RandomResizedCrop({self.size}, min_scale={self.min_scale})"
 
 
 # ---------------------------------------------------------------------------------------------- batch transforms
-class BatchTransform:
+class BatchTransform(Specified):
     "Base of batch transforms: `tfm(x, train)` maps a float (N, C, H, W) batch; `decode` undoes what can be undone."
     order = 50
+
+    @property
+    def acts_in_validation(self) -> bool:
+        "Whether `tfm(x, train=False)` changes x: an export keeps only these (Normalize, RandomCrop's centre crop)."
+        return True
 
     def __call__(self, x, train=True): raise NotImplementedError
 
     def decode(self, x): return x
-
-    def __repr__(self):
-        args = ', '.join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith('_'))
-        return f"{type(self).__name__}({args})"
 
 
 class Augmentation(BatchTransform):
@@ -101,6 +111,11 @@ class Augmentation(BatchTransform):
     order = 30
 
     def __call__(self, x, train=True): return self.augment(x) if train else x
+
+    @property
+    def acts_in_validation(self) -> bool:
+        # A subclass that overrides __call__ may act in validation too: such a one is exported, not dropped.
+        return type(self).__call__ is not Augmentation.__call__
 
     def augment(self, x): raise NotImplementedError
 
@@ -135,6 +150,7 @@ class _RandomZoomCrop(Augmentation):
         return _warp(x, torch.stack([wf, zero, cx, zero, hf, cy], 1).view(-1, 2, 3))
 
 
+@register_transform
 class Flip(Augmentation):
     "Flip each item left-right with probability `p`."
     def __init__(self, p=0.5): self.p = p
@@ -142,6 +158,7 @@ class Flip(Augmentation):
     def augment(self, x): return torch.where(_chosen(x, self.p).view(-1, 1, 1, 1) > 0, x.flip(-1), x)
 
 
+@register_transform
 class Rotate(Augmentation):
     "Rotate each item, with probability `p`, by a random angle within ±`max_deg` degrees (reflection padding)."
     def __init__(self, max_deg=10., p=0.75): self.max_deg, self.p = max_deg, p
@@ -155,6 +172,7 @@ class Rotate(Augmentation):
         return _warp(x, theta)
 
 
+@register_transform
 class Brightness(Augmentation):
     "Shift each item's brightness, with probability `p`, by up to ±`max_lighting` (on the [0, 1] scale)."
     def __init__(self, max_lighting=0.2, p=0.75): self.max_lighting, self.p = max_lighting, p
@@ -164,6 +182,7 @@ class Brightness(Augmentation):
         return (x + shift.view(-1, 1, 1, 1)).clamp_(0, 1)
 
 
+@register_transform
 class Contrast(Augmentation):
     "Scale each item's contrast about its mean, with probability `p`, by a factor in [1-max_lighting, 1/(1-max_lighting)]."
     def __init__(self, max_lighting=0.2, p=0.75):
@@ -177,6 +196,7 @@ class Contrast(Augmentation):
         return ((x - mean) * scale + mean).clamp_(0, 1)
 
 
+@register_transform
 class RandomCrop(BatchTransform):
     """Pad each item with `padding` zeros and crop `size` (int or (h, w)) from it: at a random place per item
     in training, from the centre in validation (so both loaders give the same size)."""
@@ -198,6 +218,7 @@ class RandomCrop(BatchTransform):
         return x.gather(3, left[:, None, None, :].expand(n, c, h, w))
 
 
+@register_transform
 class Normalize(BatchTransform):
     """Subtract the per-channel `mean` and divide by `std`, in training and validation.
 
@@ -257,6 +278,16 @@ class Normalize(BatchTransform):
         return x * std + mean
 
     def __repr__(self): return f"Normalize(mean={self._mean}, std={self._std})"
+
+
+def check_item_tfms(tfms):
+    "Return the item transforms as a list, rejecting anything that is not one."
+    tfms = [] if tfms is None else list(tfms) if isinstance(tfms, (list, tuple)) else [tfms]
+    for t in tfms:
+        if isinstance(t, BatchTransform): raise TypeError(f"{t!r} is a batch transform: pass it in batch_tfms, not item_tfms")
+        if not isinstance(t, ItemTransform):
+            raise TypeError(f"item_tfms takes learnkit item transforms (Resize, CenterCrop, RandomResizedCrop), got {t!r}")
+    return tfms
 
 
 def aug_transforms(do_flip=True, max_rotate=10., max_lighting=0.2, p_affine=0.75, p_lighting=0.75):

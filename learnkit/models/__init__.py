@@ -10,8 +10,11 @@ from .mobilenet import mobilenet
 from .registry import MODELS, get_model, register_model
 from .resnet import resnet18, resnet34, se_resnet
 from .torchvision_models import torchvision_model
+from .vision import (IMAGENET_STATS, AdaptiveConcatPool2d, body_head_split, create_body, create_head,
+                     create_vision_model, vision_model)
 
 __all__ = ['conv', 'ConvBN', 'Flatten', 'ResBlock', 'DepthwiseSeparableConv', 'SEBlock', 'max_pool', 'classifier_head',
            'init_cnn', 'BatchNorm', 'simple_cnn', 'lenet', 'alexnet', 'vgg_block', 'vgg', 'nin_block', 'nin',
            'Inception', 'googlenet', 'resnet18', 'resnet34', 'se_resnet', 'DenseBlock', 'transition', 'densenet',
-           'mobilenet', 'torchvision_model', 'register_model', 'get_model', 'MODELS']
+           'mobilenet', 'torchvision_model', 'register_model', 'get_model', 'MODELS', 'IMAGENET_STATS',
+           'AdaptiveConcatPool2d', 'create_head', 'create_body', 'body_head_split', 'create_vision_model', 'vision_model']

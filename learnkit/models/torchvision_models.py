@@ -3,13 +3,13 @@
 torchvision is imported when a model is built, not with learnkit (it adds about a second to the import).
 """
 import difflib
-import pickle
 from os import PathLike
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .pretrained import adapt_first_conv, read_state_dict
 from .registry import register_model
 
 __all__ = ['torchvision_model']
@@ -37,24 +37,6 @@ def _weights_path(weights) -> Path:
     return Path(weights)
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == '.safetensors':
-        try: from safetensors.torch import load_file
-        except ImportError as e:
-            raise ImportError(f"{path} is a .safetensors file, which needs the safetensors package: "
-                              "pip install 'learnkit[safetensors]' (or save the weights as .pt)") from e
-        return load_file(str(path))
-    try: state = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"torchvision_model: {path} is not a weights-only state_dict (it holds pickled code, which "
-                         f"learnkit does not run): save `model.state_dict()` with torch.save instead. ({e})") from e
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        keys = list(state)[:10] if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"torchvision_model: {path} holds {keys}, not a state_dict (parameter name -> tensor); "
-                         "save the model's state_dict itself, e.g. torch.save(checkpoint['state_dict'], path)")
-    return state
-
-
 def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: Path, name: str, n_out: int) -> None:
     """Load `state` into `model`, except the classifier whose shape follows `n_out`: it keeps its fresh init.
 
@@ -70,23 +52,6 @@ def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: Path, 
                            f"unexpected {unexpected[:5]}, other shapes {resized[:5]} (first 5 of each). "
                            f"Is it a state_dict of {name}?")
     model.load_state_dict({k: v for k, v in state.items() if k not in resized}, strict=False)
-
-
-def _replace_first_conv(model: nn.Module, in_ch: int, pretrained: bool) -> None:
-    """Swap the first Conv2d for one taking `in_ch` channels.
-
-    With pretrained weights, each new input channel gets the mean of the old filters times
-    old_ch/in_ch, so a grey image copied to every channel produces the activations it did before.
-    """
-    conv_name, old = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
-    new = nn.Conv2d(in_ch, old.out_channels, old.kernel_size, old.stride, old.padding, old.dilation,
-                    old.groups, bias=old.bias is not None, padding_mode=old.padding_mode)
-    if pretrained:
-        with torch.no_grad():
-            new.weight.copy_(old.weight.mean(1, keepdim=True).expand_as(new.weight) * (old.in_channels / in_ch))
-            if old.bias is not None: new.bias.copy_(old.bias)
-    parent_name, _, attr = conv_name.rpartition('.')
-    setattr(model.get_submodule(parent_name), attr, new)
 
 
 @register_model(rebuilt_without=('weights',))
@@ -105,6 +70,6 @@ def torchvision_model(name: str, n_out: int = 10, in_ch: int = 3, weights: str |
     _check_name(name)
     path = None if weights is None else _weights_path(weights)
     model = models.get_model(name, weights=None, num_classes=n_out, **_NO_AUX.get(name, {}))
-    if path is not None: _load_weights(model, _read_state_dict(path), path, name, n_out)
-    if in_ch != 3: _replace_first_conv(model, in_ch, pretrained=path is not None)
+    if path is not None: _load_weights(model, read_state_dict(path, 'torchvision_model'), path, name, n_out)
+    adapt_first_conv(model, in_ch, pretrained=path is not None)
     return model

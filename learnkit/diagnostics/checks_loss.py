@@ -1,0 +1,129 @@
+"""Health checks on the loss curves (the Recorder): progress, divergence, plateaus, oscillation, a learning rate
+too low (with GradientStats' update ratios), and overfitting."""
+import math
+
+from .checks_layers import layer_update_ratios
+from .findings import Finding, mean, tail
+
+__all__ = ['check_loss_progress', 'check_lr_too_low', 'check_oscillation', 'check_overfitting', 'swings']
+
+
+def check_loss_progress(data, th):
+    "A loss that does not decrease at all, diverges, or stops decreasing."
+    losses, out = data.losses, []
+    finite = [v for v in losses if math.isfinite(v)]
+    if len(finite) < 4: return out
+    n = len(losses)
+    head = finite[0]  # the loss before training moved anything (the first batch's)
+    end = mean(finite[-tail(len(finite), th.end_window):])
+    lo = min(finite)
+    lo_at = losses.index(lo)
+    if end > th.diverge_factor * lo:
+        out.append(Finding('error', 'loss_diverged', f"the training loss fell to {lo:.3g} at batch {lo_at}, then rose to "
+                           f"{end:.3g}", "lower the learning rate, or anneal it (fit_one_cycle)",
+                           batches=(lo_at, n - 1), value=end))
+    elif end > (1 - th.min_improvement) * head:
+        out.append(Finding('error', 'no_progress', f"the training loss went from {head:.3g} at the first batch to "
+                           f"{end:.3g} at the end ({(end - head) / head:+.1%}): training has not reduced it",
+                           "the findings this one lists as its cause say why; if there are none, run learn.lr_find() "
+                           "and train at its suggestion (a rate far too low or too high both stall training)",
+                           batches=(0, n - 1), value=end))
+    else:
+        w = tail(n, th.plateau_window)
+        window = [v for v in losses[-w:] if math.isfinite(v)]
+        if w >= 4 and len(window) >= 4:
+            k = tail(len(window), 0.2)
+            start, stop = mean(window[:k]), mean(window[-k:])
+            if stop > th.plateau_floor and (start - stop) / start < th.plateau_tol:
+                out.append(Finding('warning', 'loss_plateau',
+                                   f"over the last {w} batches the training loss went from {start:.3g} to {stop:.3g} "
+                                   f"({(start - stop) / start:+.1%}): it has stopped decreasing",
+                                   "train with a schedule that anneals the learning rate (fit_one_cycle), or a "
+                                   "different learning rate; if the valid loss is still falling, train longer",
+                                   batches=(n - w, n - 1), value=stop))
+    return out
+
+
+def check_lr_too_low(data, th):
+    """A learning rate far too low: the optimizer's steps move the weights by less than `lr_low_update_ratio` of
+    their norm (median over the layers that train), while the loss is still falling, or barely moved."""
+    losses = [v for v in data.losses if math.isfinite(v)]
+    if len(losses) < 4: return []
+    ratios = [r for r in layer_update_ratios(data.grad) if r == r and r > 0]  # layers that do not move at all:
+    if not ratios: return []                                                 # `unchanged_layers`
+    ratio = sorted(ratios)[len(ratios) // 2]
+    if ratio >= th.lr_low_update_ratio: return []
+    head, end = losses[0], mean(losses[-tail(len(losses), th.end_window):])
+    w = tail(len(losses), th.plateau_window)
+    k = tail(w, 0.2)
+    still_falling = mean(losses[-w:][:k]) - mean(losses[-k:]) > th.plateau_tol * mean(losses[-w:][:k])
+    barely = end > (1 - th.min_improvement) * head
+    if end > (1 + th.min_improvement) * head or not (still_falling or barely): return []
+    lrs = data.lrs
+    lr = f" at lr {max(lrs):.1e}" if lrs else ""
+    return [Finding('error' if barely else 'warning', 'lr_too_low',
+                    f"the optimizer's steps move the weights by {ratio:.1e} of their norm (median over {len(ratios)} "
+                    f"layers; ~1e-3 is healthy){lr}, and the loss went from {head:.3g} to {end:.3g}"
+                    f"{', still falling' if still_falling else ''}: the learning rate is far too low",
+                    "raise the learning rate: learn.lr_find() suggests one (the 'valley'), then fit_one_cycle at it",
+                    batches=(0, len(data.losses) - 1), value=ratio)]
+
+
+def swings(values, rise):
+    """The (low, high) index pairs of the swings in `values`: a rise of at least `rise` (relative) above a low,
+    followed by a fall back by as much from the high (to high / (1 + rise))."""
+    out, low, high, rising = [], 0, None, True
+    for t in range(1, len(values)):
+        v = values[t]
+        if rising:
+            if v < values[low]: low = t
+            elif v >= (1 + rise) * values[low]: rising, high = False, t
+        elif v > values[high]: high = t
+        elif v * (1 + rise) <= values[high]:
+            out.append((low, high))
+            rising, low = True, t
+    return out
+
+
+def check_oscillation(data, th):
+    "A loss that swings up and back down, again and again, instead of settling (a learning rate at the edge)."
+    losses = data.losses
+    finite = [v for v in losses if math.isfinite(v)]
+    if len(finite) != len(losses) or len(losses) < 8: return []  # a non-finite loss is `nonfinite`
+    found = swings(losses, th.oscillation_rise)
+    if len(found) < th.oscillation_swings: return []
+    biggest = max(losses[h] / losses[lo] for lo, h in found)
+    return [Finding('warning', 'oscillating_loss',
+                    f"the training loss swung up and back down {len(found)} times (each rise at least "
+                    f"{th.oscillation_rise:.0%}, the largest {biggest:.1f}x, first from batch {found[0][0]} to "
+                    f"{found[0][1]}): the steps overshoot",
+                    "lower the learning rate (or lr_max), anneal it (fit_one_cycle), or clip gradients",
+                    batches=(found[0][0], found[-1][1]), value=float(len(found)))]
+
+
+def check_overfitting(data, th):
+    """A valid loss that rose from its best while the training loss fell, or a gap that kept growing while the
+    valid loss stopped improving: never a static ratio of the two."""
+    epochs, out = data.epochs, []
+    valid, train = [v for _, v in epochs], [t for t, _ in epochs]
+    last, best = len(valid) - 1, min(range(len(valid)), key=lambda i: valid[i])
+    if best < last and valid[last] > (1 + th.overfit_rise) * valid[best] and train[last] < train[best]:
+        out.append(Finding('warning', 'overfitting',
+                           f"the valid loss rose from {valid[best]:.3g} (epoch {best}) to {valid[last]:.3g} (epoch "
+                           f"{last}) while the training loss fell from {train[best]:.3g} to {train[last]:.3g}",
+                           "stop earlier (EarlyStoppingCallback, or SaveModelCallback to keep the best epoch), add data "
+                           "augmentation, weight decay or dropout", value=valid[last]))
+        return out
+    k = th.overfit_gap_epochs
+    if len(epochs) > k:
+        gaps = [v - t for t, v in epochs]
+        growing = all(gaps[i] > gaps[i - 1] and train[i] < train[i - 1] for i in range(last - k + 1, last + 1))
+        stalled = valid[last] >= 0.99 * min(valid[:last - k + 1])
+        if growing and stalled:
+            out.append(Finding('warning', 'overfitting',
+                               f"over the last {k} epochs the gap between valid and training loss grew from "
+                               f"{gaps[last - k]:.3g} to {gaps[last]:.3g} while the training loss fell and the valid loss "
+                               f"stopped improving (best {min(valid):.3g})",
+                               "stop earlier, add data augmentation, weight decay or dropout, or more data",
+                               value=gaps[last]))
+    return out
