@@ -182,7 +182,8 @@ def test_std_within_documented_precision_when_mean_dwarfs_spread(fmnist, kw):
     minus a per-layer reference) keep it to 1e-4 and better, per layer and batched; from the sample (float64, two
     passes) it is exact for the 640-element output and within the documented standard error for the larger one."""
     mean = 1e4
-    model = nn.Sequential(nn.Conv2d(1, 8, 5, 2, 2), Offset(mean), nn.Flatten(), nn.Linear(8 * 14 * 14, 10), Offset(mean))
+    model = nn.Sequential(nn.Conv2d(1, 8, 5, 2, 2), Offset(mean), nn.Flatten(), nn.Linear(8 * 14 * 14, 10),
+                          Offset(mean))
     stats = ActivationStats(modules=[model[1], model[4]], **kw)
     capture = Capture([model[1], model[4]])
     make_learner(fmnist, [stats, capture], model=model).fit(1, 1e-3)
@@ -394,7 +395,8 @@ def test_activation_bounds_and_the_saturating_option():
     model = simple_cnn(bn=True)
     with_option = ActivationStats(include_saturating=True).default_hooked_modules(model)
     assert with_option == ActivationStats().default_hooked_modules(model) == default_modules(model)
-    with pytest.raises(ValueError, match='include_saturating'): ActivationStats(include_saturating=True, modules=[model[0]])
+    with pytest.raises(ValueError, match='include_saturating'):
+        ActivationStats(include_saturating=True, modules=[model[0]])
     with pytest.raises(ValueError, match='exact must be True'): ActivationStats(exact=1)
 
 

@@ -66,7 +66,8 @@ def _host_read(node):
     if isinstance(f, ast.Attribute):
         if f.attr in HOST_READ_METHODS: return f'.{f.attr}()'
         if f.attr == 'synchronize' and ast.unparse(f.value) == 'torch.cuda': return 'torch.cuda.synchronize()'
-        if f.attr == 'nonzero' and not any(k.arg == 'as_tuple' for k in node.keywords): return '.nonzero() without as_tuple'
+        if f.attr == 'nonzero' and not any(k.arg == 'as_tuple' for k in node.keywords):
+            return '.nonzero() without as_tuple'
     if isinstance(f, ast.Name) and f.id in ('float', 'int', 'bool') and len(node.args) == 1:
         if _looks_like_tensor(node.args[0]): return f'{f.id}() of a tensor expression'
     return None

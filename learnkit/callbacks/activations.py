@@ -202,9 +202,9 @@ class ActivationStats(HookCallback, StatsCallback):
         bounded = [(i, b) for i, b in enumerate(self.bounds) if b is not None]
         self._bounded_layers = (torch.tensor([i for i, _ in bounded], device=dev) if bounded else None)
         if bounded:
-            self._range_centre = torch.tensor([[(lo + hi) / 2] for _, (lo, hi) in bounded], device=dev)
-            self._saturation_distance = torch.tensor([[(0.5 - SATURATION_MARGIN) * (hi - lo)] for _, (lo, hi) in bounded],
-                                                     device=dev)
+            lo, hi = torch.tensor([b for _, b in bounded], device=dev).unbind(1)
+            self._range_centre = ((lo + hi) / 2).unsqueeze(1)
+            self._saturation_distance = ((0.5 - SATURATION_MARGIN) * (hi - lo)).unsqueeze(1)
 
     def before_batch(self):
         super().before_batch()
