@@ -278,12 +278,15 @@ def test_sample_argument(fmnist):
 
 @pytest.mark.parametrize('batched', [False, True])
 def test_records_stay_on_device_and_never_read_back_per_batch(monkeypatch, fmnist, batched):
-    "Drive ActivationStats and GradientStats through training batches with every host read disabled."
+    """Drive ActivationStats (sampled with histograms, and exact with a saturating layer) and GradientStats through
+    16 training batches with every host read disabled: the batches are staged, finished together at the 16th, and
+    the references of the exact sums moved, all without reading anything back."""
     x, y = normalized_slice(fmnist, 256, 1)[:2]
-    model = simple_cnn()
+    model = nn.Sequential(simple_cnn(), nn.Tanh())
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     learn = SimpleNamespace(model=model, training=True, train_iter=0, device=torch.device('cpu'))
-    cbs = [ActivationStats(with_hist=True, batched=batched), GradientStats(dead_window=2)]
+    cbs = [ActivationStats(with_hist=True, batched=batched),
+           ActivationStats(exact=True, include_saturating=True, batched=batched), GradientStats(dead_window=2)]
     for cb in cbs:
         cb.learn = learn
         cb.before_fit()
@@ -293,7 +296,7 @@ def test_records_stay_on_device_and_never_read_back_per_batch(monkeypatch, fmnis
     def fire(event):
         for cb in cbs:
             if hasattr(type(cb), event): getattr(cb, event)()
-    for xb, yb in zip(x.split(64), y.split(64)):
+    for xb, yb in zip(x.split(16), y.split(16)):
         fire('before_batch')
         pred = model(xb)
         fire('after_pred')
@@ -305,11 +308,13 @@ def test_records_stay_on_device_and_never_read_back_per_batch(monkeypatch, fmnis
         fire('after_batch')
         learn.train_iter += 1
     monkeypatch.undo()
-    assert (cbs[0]._batched_reads is not None) == batched  # from the second batch on, read together after the forward
+    for cb in cbs[:2]:  # from the second batch on, read together after the forward
+        assert (cb._batched_reads is not None) == batched and len(cb._records) == 16  # finished at the 16th batch
     for cb in cbs: cb.after_fit()
     assert n_hooks(model) == 0
-    assert cbs[0].stats['mean'].shape == (4, 5) and cbs[1].stats['grad_norm'].shape == (4, 5)
-    assert cbs[1].stats['dead'].shape == (2, 4)
+    assert cbs[0].stats['mean'].shape == (16, 5) and cbs[1].stats['saturated'].shape == (16, 6)
+    assert cbs[1].stats['saturated'][:, -1].isfinite().all() and cbs[1].stats['std'].isfinite().all()
+    assert cbs[2].stats['grad_norm'].shape == (16, 5) and cbs[2].stats['dead'].shape == (8, 4)
 
 
 def test_memory_grows_with_batches_layers_bins_not_activation_size(fmnist):
