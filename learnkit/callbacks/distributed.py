@@ -304,7 +304,8 @@ class DistributedCallback(Callback):
     def _gather_validation(self):
         learn, n = self.learn, _n_items(self.learn.dl)
         n_local = sum(len(batch[0]) for batch in self._valid_batches)
-        counts = torch.cat(all_gather(torch.tensor([n_local], device=learn.device))).tolist()  # sync-ok: once per validation
+        counts = torch.cat(all_gather(torch.tensor([n_local], device=learn.device)))
+        counts = counts.tolist()  # sync-ok: once per validation
         if not any(counts): return  # cancelled on every rank before any batch
         if len(set(counts)) > 1:
             raise RuntimeError(f"Validation shards differ in size across ranks ({counts} items): every rank must "
@@ -322,7 +323,7 @@ class DistributedCallback(Callback):
         "Loss and metrics on the whole gathered set, as one batch, into the accumulators the Recorder reads."
         learn = self.learn
         recorder = getattr(learn, 'recorder', None)
-        accumulators = ([recorder._valid_loss] if recorder is not None else []) + list(learn.metrics)
+        accumulators = ([recorder.valid_loss_accumulator] if recorder is not None else []) + list(learn.metrics)
         saved = learn.xb, learn.yb, learn.pred, learn.loss
         try:
             learn.xb, learn.yb, learn.pred = (), targets, preds
