@@ -26,23 +26,25 @@ from .callbacks.schedule import (LRFinder, ParamScheduler, SchedCos, SchedExp, S
                                  SuggestedLRs, combine_scheds, combined_cos)
 from .callbacks.tracking import EarlyStoppingCallback, SaveModelCallback, TerminateOnNaNCallback, TrackerCallback
 from .checkpoint import CheckpointError, UnsafeCheckpointError, load_learner
-from .data import (Brightness, CategoryBlock, CenterCrop, Contrast, DataBlock, DataLoaders, Flip, FuncSplitter,
-                   GrandparentSplitter, ImageBlock, IndexSplitter, Normalize, PILImage, PILImageBW, RandomCrop,
-                   RandomResizedCrop, RandomSplitter, RegexLabeller, Resize, Rotate, TfmdDL, aug_transforms,
-                   get_image_files, parent_label)
+from .data import (Brightness, CategoryBlock, CenterCrop, ColReader, ColSplitter, Contrast, DataBlock, DataLoaders,
+                   Flip, FuncSplitter, GrandparentSplitter, ImageBlock, ImageDataLoaders, IndexSplitter,
+                   MultiCategoryBlock, Normalize, PILImage, PILImageBW, RandomCrop, RandomResizedCrop, RandomSplitter,
+                   RegexLabeller, Resize, Rotate, TfmdDL, aug_transforms, get_image_files, parent_label)
 from .data.specs import register_transform
 from .datasets import fashion_mnist, fashion_mnist_tree
 from .diagnostics import (ClassificationInterpretation, Finding, HealthMonitor, HealthReport, Thresholds, diagnose,
                           health_cbs)
 from .experiments import Comparison, compare
 from .learner import Learner, default_callbacks, default_device
-from .metrics import AvgLoss, AvgMetric, AvgSmoothLoss, Metric, accuracy, error_rate
+from .losses import CrossEntropyLossFlat
+from .metrics import AvgLoss, AvgMetric, AvgSmoothLoss, Metric, accuracy, accuracy_multi, error_rate
 from .models import (MODELS, BatchNorm, ConvBN, DenseBlock, DepthwiseSeparableConv, Flatten, Inception, ResBlock,
                      SEBlock, alexnet, classifier_head, conv, densenet, get_model, googlenet, init_cnn, lenet, max_pool,
                      mobilenet, nin, nin_block, register_model, resnet18, resnet34, se_resnet, simple_cnn,
                      torchvision_model, transition, vgg, vgg_block)
 from .models.vision import IMAGENET_STATS, AdaptiveConcatPool2d, create_head, create_vision_model
 from .optimizer import SGD, Adam, OptimWrapper, RMSProp
+from .torch_core import NoneReduce, find_bs, flatten_model, tensor, to_detach, unsqueeze
 from .transfer import vision_learner
 
 __version__ = '0.1.0'

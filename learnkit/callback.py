@@ -48,7 +48,7 @@ INNER_LOOP_EVENTS = frozenset('before_batch after_pred after_loss before_backwar
 
 # Loop state the Learner owns. Assigning one of these on a callback is almost always a bug
 # (`self.loss = ...` instead of `self.learn.loss = ...`), so it warns.
-LEARNER_STATE = frozenset('xb yb pred loss loss_grad opt epoch n_epoch iter n_iter training pct_train '
+LEARNER_STATE = frozenset('x y xb yb pred loss loss_grad opt epoch n_epoch iter n_iter training pct_train '
                           'train_iter dl dls model loss_func lr wd metrics'.split())
 
 def noop(*args, **kwargs):
@@ -69,7 +69,8 @@ class Callback:
     `self.training` and so on work as in fastai, so fastai callbacks port by changing their imports.
     Writes must go to `self.learn.<name>`; writing a learner attribute on the callback warns.
     Resources a callback acquires in `before_fit` (hooks, files) are released in `cleanup_fit`, which
-    the Learner calls however fit ends, exception included.
+    the Learner calls however fit ends, exception included. Setting `run = False` switches the callback off until the
+    end of the current fit: every callback's `run` is True again when a fit ends, as in fastai.
     """
     order = 0
     run_train, run_valid = True, True
@@ -81,13 +82,16 @@ class Callback:
         "The attribute name on the learner: class name in snake_case, without a trailing 'Callback'."
         return _snake_name(type(self).__name__)
 
-    # The one place where callbacks delegate to the learner. `__getattr__` only runs when normal
-    # lookup fails, so the callback's own attributes always win.
+    # The one place where callbacks delegate to the learner (which in turn hands what it lacks to its model, see
+    # `Learner.__getattr__`). `__getattr__` only runs when normal lookup fails, so the callback's own attributes win.
     def __getattr__(self, k):
         learn = self.__dict__.get('learn')
         if k.startswith('_') or learn is None:
             raise AttributeError(f"{type(self).__name__!r} has no attribute {k!r}")
-        return getattr(learn, k)
+        try: return getattr(learn, k)
+        except AttributeError as e:
+            if getattr(e, 'obj', None) is not learn or e.name != k: raise    # raised inside a property: keep it
+            raise AttributeError(f"{type(self).__name__!r} has no attribute {k!r}, and {e}", name=k, obj=self) from None
 
     def __setattr__(self, k, v):
         if k in LEARNER_STATE and self.__dict__.get('learn') is not None:

@@ -9,25 +9,31 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
 
 from .callback import CANCEL_EXCEPTIONS, Callback, DispatchTable, _name_origin, noop
 from .callbacks.core import GatherPredsCallback, TrainEvalCallback
 from .callbacks.progress import ProgressCallback
 from .callbacks.recorder import Recorder
 from .callbacks import distributed, mixed_precision, schedule
-from . import checkpoint
+from . import checkpoint, predictions, sanity
 from .metrics import as_metric
+from .losses import CrossEntropyLossFlat
 from .optimizer import Adam, OptimWrapper, as_opt_func
+from .torch_core import default_device, listify, to_detach
+from .predictions import loss_activation
 
 __all__ = ['Learner', 'default_callbacks', 'default_device']
 
 default_callbacks = [TrainEvalCallback, Recorder, ProgressCallback]
 
 
-def default_device():
-    "CUDA when available, else the CPU."
-    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+def _detupled(name, doc):
+    "A property over the tuple attribute `name`: its one element (or the tuple if it has several); setting it sets it."
+    def get(self):
+        t = getattr(self, name)
+        return t[0] if len(t) == 1 else t
+    def set(self, v): setattr(self, name, v if isinstance(v, tuple) else (v,))
+    return property(get, set, doc=doc)
 
 
 class Learner:
@@ -37,7 +43,11 @@ class Learner:
     or `DataLoaders(train_dl, valid_dl)` over plain torch DataLoaders. The model, loss and batches move
     to `device` (CUDA when available). `lr` is the default learning rate; `moms` the 1cycle momentums.
     `channels_last=True` keeps the model's 4-D weights and the 4-D input batches in torch.channels_last
-    memory format (faster convolutions on tensor-core GPUs, especially with `to_bf16()`).
+    memory format (faster convolutions on tensor-core GPUs, especially with `to_bf16()`); the Learner keeps that
+    choice as `memory_format`, leaving the name `learn.channels_last` to fastai's `ChannelsLast` callback.
+
+    As in fastai, an attribute the Learner does not have is its model's: `learn.parameters()`, and so a callback's
+    `self.parameters()`, are the model's (see `__getattr__`).
     """
     def __init__(self, dls, model, loss_func=None, opt_func=Adam, lr=1e-3, splitter=None, metrics=None,
                  cbs=None, wd=None, wd_bn_bias=False, moms=(0.95, 0.85, 0.95), path='.', model_dir='models',
@@ -51,20 +61,40 @@ class Learner:
         self.loss_func = loss_func if loss_func is not None else _default_loss(dls)
         self.opt_func, self.lr, self.splitter = as_opt_func(opt_func), lr, splitter
         self.wd, self.wd_bn_bias, self.moms = wd, wd_bn_bias, moms
-        self.metrics = [as_metric(m) for m in _listify(metrics)]
+        self.metrics = [as_metric(m) for m in listify(metrics)]
         self.path, self.model_dir = Path(path), model_dir
         self.device = torch.device(device) if device is not None else default_device()
-        self.channels_last = channels_last
+        self.memory_format = torch.channels_last if channels_last else None
         self.opt, self.logger = None, print
         # Loop state, read by callbacks through self.learn (or directly, see Callback.__getattr__).
         self.training, self.epoch, self.n_epoch, self.start_epoch, self.start_batch = False, 0, 1, 0, 0
         self.iter, self.n_iter, self.train_iter, self.pct_train = 0, 0, 0, 0.
         self.dl, self.xb, self.yb, self.pred, self.loss, self.loss_grad = None, (), (), None, None, None
-        self.cbs, self._dispatch, self._outputs_checked = [], DispatchTable(), False
+        self.cbs, self._dispatch, self._outputs_checked, self._in_fit = [], DispatchTable(), False, False
         self.add_cbs([cb() for cb in default_callbacks] if default_cbs else [])
         self.add_cbs(cbs)
         if default_cbs: self.add_cbs(distributed.torchrun_callbacks(self.cbs))  # DDP when torchrun started us
         self('after_create')
+
+    # ---- what the Learner lacks is its model's (fastai's delegation) ----------------------------
+    def __getattr__(self, k):
+        """An attribute the Learner does not have is its model's, as in fastai: `learn.parameters()`, and a callback's
+        `self.parameters()` (callbacks hand what they lack to the Learner). Python calls this only when normal lookup
+        fails, so the Learner's own attributes and its callbacks come first. A name neither has raises an
+        AttributeError that names both."""
+        if isinstance(getattr(type(self), k, None), property):
+            return getattr(type(self), k).fget(self)    # the property itself failed: let its own error through
+        model = self.__dict__.get('model')
+        if k.startswith('_') or model is None:
+            raise AttributeError(f"'Learner' object has no attribute {k!r}", name=k, obj=self)
+        try: return getattr(model, k)
+        except AttributeError: pass
+        raise AttributeError(f"neither the Learner nor its model ({type(model).__name__}) has an attribute {k!r}",
+                             name=k, obj=self)
+
+    def _own_attr(self, k):
+        "The Learner's own attribute `k` (of the instance or its class, not the model's), or None."
+        return self.__dict__[k] if k in self.__dict__ else getattr(type(self), k, None)
 
     # ---- callbacks ------------------------------------------------------------------------------
     def __call__(self, event):
@@ -76,7 +106,7 @@ class Learner:
         if isinstance(cb, type): cb = cb()
         if not isinstance(cb, Callback):
             raise TypeError(f"Callbacks must subclass learnkit.Callback; got {cb!r}")
-        current = getattr(self, cb.name, None)
+        current = self._own_attr(cb.name)
         if current is not None and not isinstance(current, Callback):
             raise ValueError(f"Callback {type(cb).__name__} would be reachable as learn.{cb.name}, which would "
                              f"hide the Learner's own `{cb.name}`; give the class another name")
@@ -87,7 +117,7 @@ class Learner:
         return self
 
     def add_cbs(self, cbs):
-        for cb in _listify(cbs): self.add_cb(cb)
+        for cb in listify(cbs): self.add_cb(cb)
         return self
 
     def remove_cb(self, cb):
@@ -103,13 +133,13 @@ class Learner:
         return self
 
     def remove_cbs(self, cbs):
-        for cb in _listify(cbs): self.remove_cb(cb)
+        for cb in listify(cbs): self.remove_cb(cb)
         return self
 
     @contextlib.contextmanager
     def added_cbs(self, cbs):
         "Callbacks present only inside the `with` block."
-        cbs = [cb() if isinstance(cb, type) else cb for cb in _listify(cbs)]
+        cbs = [cb() if isinstance(cb, type) else cb for cb in listify(cbs)]
         self.add_cbs(cbs)
         try: yield self
         finally: self.remove_cbs(cbs)
@@ -117,7 +147,7 @@ class Learner:
     @contextlib.contextmanager
     def removed_cbs(self, cbs):
         "Callbacks absent inside the `with` block, then put back."
-        cbs = [c for c in _listify(cbs) if c in self.cbs]
+        cbs = [c for c in listify(cbs) if c in self.cbs]
         self.remove_cbs(cbs)
         try: yield self
         finally: self.add_cbs(cbs)
@@ -169,13 +199,17 @@ class Learner:
                              "Learner(..., lr=...). learn.lr_find() suggests one.")
         if not isinstance(n_epoch, int) or n_epoch < 1:
             raise ValueError(f"n_epoch must be a positive int; got {n_epoch!r}")
-        if resume is not None: cbs = _listify(cbs) + [checkpoint.ResumeCallback(resume)]
+        if resume is not None: cbs = listify(cbs) + [checkpoint.ResumeCallback(resume)]
         with self._run_context(cbs):
             if reset_opt or self.opt is None: self.create_opt()
             if wd is not None: self.opt.set_hyper('wd', wd)
             self.opt.set_hyper('lr', self.lr_values(lr))
             self.n_epoch, self.start_epoch, self.epoch = n_epoch, start_epoch, start_epoch
-            self._with_events(self._do_fit, 'fit')
+            was_in_fit, self._in_fit = self._in_fit, True
+            try: self._with_events(self._do_fit, 'fit')
+            finally:
+                self._in_fit = was_in_fit
+                for cb in self.cbs: cb.run = True    # as in fastai, `run = False` lasts until the end of the fit
 
     def _do_fit(self):
         for epoch in range(self.start_epoch, self.n_epoch):
@@ -189,7 +223,7 @@ class Learner:
     def _do_epoch_train(self):
         self.dl = self.dls.train
         if hasattr(self.dl, '__len__') and len(self.dl) == 0:
-            raise ValueError(_empty_loader_message(self.dl))
+            raise ValueError(sanity.empty_loader_message(self.dl))
         self._with_events(self._all_batches, 'train')
 
     def _do_epoch_validate(self, dl=None):
@@ -206,7 +240,7 @@ class Learner:
         batch = self._to_device(batch)
         n_inp = getattr(self.dls, 'n_inp', 1)
         self.xb, self.yb = tuple(batch[:n_inp]), tuple(batch[n_inp:])
-        if self.channels_last: self.xb = tuple(_channels_last(x) for x in self.xb)
+        if self.memory_format is not None: self.xb = tuple(_channels_last(x) for x in self.xb)
         self.pred = self.loss = self.loss_grad = None      # a cancelled batch leaves no stale loss behind
         self._with_events(self._do_one_batch, 'batch')
 
@@ -217,7 +251,7 @@ class Learner:
         if self.yb:
             try: self.loss_grad = self.loss_func(self.pred, *self.yb)
             except (RuntimeError, ValueError, IndexError, TypeError) as e:
-                raise _loss_error(e, self) from e
+                raise sanity.loss_error(e, self) from e
             self.loss = self.loss_grad.detach()
         self('after_loss')
         if not self.training or not self.yb: return
@@ -226,26 +260,9 @@ class Learner:
         self.opt.zero_grad()
 
     def _check_outputs(self):
-        """Once per run, before the first loss: a classifier that returns fewer scores than the data has classes,
-        known from the loaders' vocab, or else from labels the datasets hold on the host. Nothing is read from
-        the device. On CUDA the loss would fail on such targets with a device-side assert that names nothing and
-        leaves the GPU unusable until the process restarts."""
+        "Once per run, before the first loss: the model's outputs fit the data's classes (see `sanity.check_outputs`)."
         self._outputs_checked = True
-        vocab, pred = getattr(self.dls, 'vocab', None), self.pred
-        if not (_is_cross_entropy(self.loss_func) and isinstance(pred, torch.Tensor) and pred.ndim == 2): return
-        n_out = pred.shape[1]
-        if vocab is not None:
-            if n_out < len(vocab):
-                raise ValueError(f"The model returns {n_out} scores per item, but the data has {len(vocab)} "
-                                 f"classes: build the model with n_out={len(vocab)} (dls.c).")
-            return
-        # No vocab (plain torch loaders): the labels, when the dataset holds them on the host, read once per run.
-        for labels in (_host_labels(getattr(self.dls, 'train', None)), _host_labels(getattr(self.dls, 'valid', None))):
-            if labels is None or not len(labels): continue
-            low, high = int(labels.min()), int(labels.max())  # sync-ok: host labels, once per run
-            if low < 0 or high >= n_out:
-                raise ValueError(f"The targets range over [{low}, {high}] but the model has n_out={n_out} outputs: "
-                                 f"build the model with n_out={high + 1}, or fix the labels.")
+        sanity.check_outputs(self)
 
     def _do_backward(self): self.loss_grad.backward()
     def _do_step(self): self.opt.step()
@@ -262,7 +279,7 @@ class Learner:
     @contextlib.contextmanager
     def _run_context(self, cbs):
         "Temporary callbacks in, then whatever happens: cleanup_fit on every callback, temporary ones out."
-        cbs = [cb() if isinstance(cb, type) else cb for cb in _listify(cbs)]
+        cbs = [cb() if isinstance(cb, type) else cb for cb in listify(cbs)]
         self.add_cbs(cbs)
         try:
             self._prepare()
@@ -285,8 +302,7 @@ class Learner:
 
     def _prepare(self):
         "Put model, loss and data on the learner's device (cheap when they are there already)."
-        layout = torch.channels_last if self.channels_last else torch.preserve_format
-        self.model.to(self.device, memory_format=layout)
+        self.model.to(self.device, memory_format=self.memory_format or torch.preserve_format)
         if isinstance(self.loss_func, nn.Module): self.loss_func.to(self.device)
         if hasattr(self.dls, 'to'): self.dls.to(self.device)
 
@@ -300,22 +316,33 @@ class Learner:
         with self._run_context(cbs): self._do_epoch_validate(dl)
         return self.recorder.final_record if hasattr(self, 'recorder') else None
 
-    def get_preds(self, dl=None, with_input=False, with_loss=False, act=None, cbs=None):
-        """Predictions and targets over `dl` (default `dls.valid`), on the CPU. `act` is applied to the
-        predictions (default: softmax for cross-entropy, sigmoid for BCE-with-logits, else none)."""
+    def get_preds(self, ds_idx=1, dl=None, with_input=False, with_decoded=False, with_loss=False, act=None, cbs=None,
+                  thresh=None):
+        """`(predictions, targets[, decoded][, inputs][, losses])` over `dl` (default: loader `ds_idx` of `dls`,
+        1 the validation set, 0 the training set, every item once in order, not augmented), on the CPU. `act` is
+        applied to the predictions (default: softmax for cross-entropy, sigmoid for BCE-with-logits, else none).
+        `with_decoded` adds them decoded as the targets are: class indices, or for a multi-label loss a boolean
+        multi-hot tensor of the probabilities above `thresh` (default 0.5, or `loss_func.thresh`)."""
+        if thresh is not None and not with_decoded:
+            raise ValueError("get_preds(thresh=...) sets the threshold of the decoded predictions: pass "
+                             "with_decoded=True too")
+        dl = predictions.inference_loader(predictions.loader_for(self.dls, ds_idx)) if dl is None else dl
         gather = GatherPredsCallback(with_input=with_input, with_loss=with_loss)
-        with self._run_context([gather] + _listify(cbs)), self.no_logging(): self._do_epoch_validate(dl)
+        with self._run_context([gather] + listify(cbs)), self.no_logging(): self._do_epoch_validate(dl)
         out = gather.result()
-        act = act if act is not None else _loss_activation(self.loss_func)
-        return (act(out[0]),) + out[1:]
+        preds = (act if act is not None else loss_activation(self.loss_func))(out[0])
+        if not with_decoded: return (preds,) + out[1:]
+        decoded = predictions.decode_preds(preds, self.loss_func, getattr(self.dls, 'vocab', None), thresh)
+        return (preds, out[1], decoded) + out[2:]
 
-    def predict(self, item):
+    def predict(self, item, *, thresh=None):
         """Predict one item as the data holds it, as fastai does: an image file's path, a PIL image, or an image
         tensor (uint8 0..255 or float in [0, 1]; (H, W) or (C, H, W)), e.g. `dls.valid.dataset[i][0]`. It is
         prepared as the validation loader prepares its batches (item transforms, scaling, Normalize; see
         `TfmdDL.prepare`); with plain torch loaders, whose transforms learnkit does not know, the tensor goes to
         the model as it is. Returns `(label, class_index, probabilities)`; label comes from `dls.vocab` when there
-        is one."""
+        is one. A multi-label learner (BCEWithLogitsLoss) returns `(labels, multi-hot booleans, probabilities)`, the
+        labels those whose probability is above `thresh` (default 0.5, or `loss_func.thresh`)."""
         self._prepare()
         xb = _item_as_batch(self.dls, item).to(self.device)
         was_training = self.model.training
@@ -323,10 +350,16 @@ class Learner:
         try:
             with torch.no_grad(): pred = self.model(xb)
         finally: self.model.train(was_training)
-        probs = _loss_activation(self.loss_func)(pred[0].float()).cpu()  # sync-ok: one item, on request
-        idx = int(probs.argmax())  # sync-ok: CPU probabilities, predict
-        vocab = getattr(self.dls, 'vocab', None)
-        return (vocab[idx] if vocab is not None else idx), idx, probs
+        probs = loss_activation(self.loss_func)(pred[0].float()).cpu()  # sync-ok: one item, on request
+        return predictions.decode_item(probs, self.loss_func, getattr(self.dls, 'vocab', None), thresh)
+
+    def tta(self, ds_idx=1, dl=None, n=4, beta=0.25, use_max=False):
+        "Test-time augmentation, as fastai's: `(predictions, targets)`; see `learnkit.predictions.tta`."
+        return predictions.tta(self, ds_idx, dl, n, beta, use_max)
+
+    def show_results(self, ds_idx=1, dl=None, max_n=9, shuffle=True, figsize=None):
+        "A figure of items titled target / prediction (green or red); see `learnkit.predictions.show_results`."
+        return predictions.show_results(self, ds_idx, dl, max_n, shuffle, figsize)
 
     # ---- features: short delegations to their modules --------------------------------------------
     def fit_one_cycle(self, n_epoch, lr_max=None, div=25., div_final=1e5, pct_start=0.25, wd=None, moms=None,
@@ -371,9 +404,22 @@ class Learner:
         "Write the full training state to `path/model_dir/{name}.pth` atomically; see `learnkit.checkpoint`."
         return checkpoint.save_checkpoint(self, name, with_opt=with_opt)
 
-    def load(self, name, with_opt=True):
-        "Restore what `save` wrote, reading it safely (no unpickling); see `learnkit.checkpoint`."
-        checkpoint.load_checkpoint(self, name, with_opt=with_opt)
+    def load(self, name, with_opt=True, weights_only=True, training_state=None):
+        """Restore what `save` wrote, reading it safely (no unpickling); see `learnkit.checkpoint`.
+
+        `training_state` (the loop position, the callbacks' states, the RNG states, the loader's order) is restored
+        by default outside a fit, and not inside one, whose running loop owns them: a callback that loads the best
+        weights at `after_fit` (fastai's SaveModelCallback) gets the model and optimizer back, as in fastai.
+        `weights_only` is fastai's argument, and learnkit always reads as `torch.load(weights_only=True)` does:
+        `weights_only=False` allows unpickling, which learnkit never needs for the files it writes and never does, so
+        such a file loads the same; a file that would need unpickling raises `UnsafeCheckpointError` either way."""
+        if not isinstance(weights_only, bool):
+            raise TypeError(f"weights_only must be True or False; got {weights_only!r}")
+        if training_state is None: training_state = not self._in_fit
+        try: checkpoint.load_checkpoint(self, name, with_opt=with_opt, training_state=training_state)
+        except checkpoint.UnsafeCheckpointError as e:
+            if not weights_only: e.add_note("weights_only=False does not make learnkit unpickle: it never does.")
+            raise
         return self
 
     def export(self, path='export.pth', with_tfms=True):
@@ -412,6 +458,14 @@ class Learner:
         from .diagnostics.health import diagnose
         return diagnose(self, show=show, **thresholds)
 
+    # ---- the batch and helpers under fastai's names ---------------------------------------------
+    x = _detupled('xb', "The batch's input: `xb[0]`, or the tuple `xb` when the model takes several (fastai's `x`).")
+    y = _detupled('yb', "The batch's target: `yb[0]`, or the tuple `yb` when there are several (fastai's `y`).")
+
+    def to_detach(self, b, cpu=True, gather=True):
+        "`b` detached from the graph, on the CPU with `cpu`, gathered across ranks with `gather`; see `torch_core`."
+        return to_detach(b, cpu, gather)
+
     @property
     def smooth_loss(self):
         "The recorder's smoothed training loss (a device tensor)."
@@ -421,11 +475,6 @@ class Learner:
         return f"Learner({type(self.model).__name__}, cbs={[type(c).__name__ for c in self.cbs]})"
 
 
-def _listify(x):
-    if x is None: return []
-    return list(x) if isinstance(x, (list, tuple)) else [x]
-
-
 def _channels_last(x):
     return x.contiguous(memory_format=torch.channels_last) if isinstance(x, torch.Tensor) and x.ndim == 4 else x
 
@@ -433,7 +482,7 @@ def _channels_last(x):
 def _default_loss(dls):
     loss = getattr(dls, 'loss_func', None)
     if loss is not None: return loss
-    if getattr(dls, 'vocab', None) is not None: return nn.CrossEntropyLoss()
+    if getattr(dls, 'vocab', None) is not None: return CrossEntropyLossFlat()
     raise ValueError("loss_func=None and the data loaders do not say which loss fits them: pass one, e.g. "
                      "Learner(dls, model, loss_func=nn.CrossEntropyLoss()) for classification.")
 
@@ -446,59 +495,3 @@ def _item_as_batch(dls, item):
         raise TypeError(f"predict with plain torch loaders takes the input tensor of one item, as the model takes it "
                         f"without the batch dimension; got {type(item).__name__}")
     return item[None]
-
-
-def _host_labels(dl):
-    """The integer class labels of a loader's dataset when they are on the host (a TensorDataset's last tensor,
-    or a torchvision-style `targets`), else None: reading them costs no device sync."""
-    ds = getattr(dl, 'dataset', None)
-    labels = ds.tensors[-1] if isinstance(ds, TensorDataset) else getattr(ds, 'targets', None)
-    if isinstance(labels, (list, tuple)) and labels and isinstance(labels[0], int): labels = torch.tensor(labels)
-    if (not isinstance(labels, torch.Tensor) or labels.ndim != 1 or labels.is_floating_point()
-            or labels.device.type != 'cpu'):
-        return None
-    return labels
-
-
-def _is_cross_entropy(loss_func):
-    return isinstance(loss_func, nn.CrossEntropyLoss) or getattr(loss_func, '__name__', '') == 'cross_entropy'
-
-
-def _loss_activation(loss_func):
-    if _is_cross_entropy(loss_func): return lambda p: torch.softmax(p, dim=-1)
-    if isinstance(loss_func, nn.BCEWithLogitsLoss): return torch.sigmoid
-    return lambda p: p
-
-
-def _empty_loader_message(dl):
-    n = getattr(dl, 'n', None)
-    if n is None and hasattr(dl, 'dataset'):
-        try: n = len(dl.dataset)
-        except TypeError: n = None
-    bs, drop_last = getattr(dl, 'bs', getattr(dl, 'batch_size', None)), getattr(dl, 'drop_last', None)
-    return (f"The training loader yields no batches ({n} items, batch size {bs}, drop_last={drop_last}). "
-            "Use more training data, a smaller bs, or drop_last=False.")
-
-
-def _loss_error(e, learn):
-    "A ValueError that names the loss, the shapes and dtypes it got, and the likely fix."
-    pred, targ = learn.pred, learn.yb[0]
-    name = getattr(learn.loss_func, '__name__', type(learn.loss_func).__name__)
-    desc = (f"pred of shape {tuple(pred.shape)} ({pred.dtype}) and target of shape "
-            f"{tuple(getattr(targ, 'shape', ()))} ({getattr(targ, 'dtype', type(targ).__name__)})")
-    hint = ''
-    if isinstance(targ, torch.Tensor) and isinstance(pred, torch.Tensor):
-        if pred.shape[0] != targ.shape[0]:
-            hint = "The batch sizes differ: does the model flatten or reshape the batch dimension away?"
-        elif targ.is_floating_point() and pred.ndim == targ.ndim + 1:
-            hint = ("The targets are floats where class indices are expected: convert them with .long() "
-                    "(or use a regression loss such as nn.MSELoss).")
-        elif not targ.is_floating_point() and pred.ndim >= 2 and targ.numel():
-            n_out, t_max, t_min = pred.shape[1], int(targ.max()), int(targ.min())  # sync-ok: error path only
-            if t_max >= n_out or t_min < 0:
-                hint = (f"The targets range over [{t_min}, {t_max}] but the model has n_out={n_out} outputs: "
-                        f"build the model with n_out={t_max + 1} (dls.c), or fix the labels.")
-            elif pred.ndim > targ.ndim + 1:
-                hint = ("The model's output has extra dimensions: end it with Flatten() (as simple_cnn does) "
-                        "so it returns (batch, n_classes).")
-    return ValueError(f"loss_func {name} failed on {desc}: {str(e).rstrip('.')}. {hint}".rstrip())

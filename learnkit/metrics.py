@@ -4,7 +4,7 @@ Accumulators stay on the device; the Recorder reads every value at once at the e
 """
 import torch
 
-__all__ = ['Metric', 'AvgMetric', 'AvgLoss', 'AvgSmoothLoss', 'accuracy', 'error_rate', 'as_metric']
+__all__ = ['Metric', 'AvgMetric', 'AvgLoss', 'AvgSmoothLoss', 'accuracy', 'error_rate', 'accuracy_multi', 'as_metric']
 
 
 class Metric:
@@ -78,6 +78,16 @@ def accuracy(inp, targ, axis=-1):
 def error_rate(inp, targ, axis=-1):
     "1 - accuracy."
     return 1 - accuracy(inp, targ, axis=axis)
+
+
+def accuracy_multi(inp, targ, thresh=0.5, sigmoid=True):
+    """Multi-label accuracy: the fraction of (item, class) pairs where the prediction (sigmoid of `inp` when
+    `sigmoid`, then above `thresh`) agrees with the 0/1 target. `partial(accuracy_multi, thresh=0.2)` changes it."""
+    if inp.shape != targ.shape:
+        raise ValueError(f"accuracy_multi compares predictions and multi-hot targets of one shape; got "
+                         f"{tuple(inp.shape)} and {tuple(targ.shape)} (for single-label targets use accuracy)")
+    if sigmoid: inp = inp.sigmoid()
+    return ((inp > thresh) == targ.bool()).float().mean()
 
 
 def as_metric(m):

@@ -5,10 +5,11 @@ arguments (Adam's `betas[0]`, SGD's `momentum`, ...). Weight decay skips biases 
 weights (every parameter with one dimension or fewer) unless `wd_bn_bias=True`, as in fastai.
 """
 import inspect
+from collections.abc import MutableMapping
 
 import torch
 
-__all__ = ['OptimWrapper', 'Adam', 'SGD', 'RMSProp', 'as_opt_func']
+__all__ = ['OptimWrapper', 'GroupHypers', 'Adam', 'SGD', 'RMSProp', 'as_opt_func']
 
 # fastai name -> torch argument, or (torch argument, tuple position) for tuple-valued ones.
 _TORCH_NAMES = {
@@ -79,24 +80,30 @@ class OptimWrapper:
 
     def set_hyper(self, k, v):
         "Set hyper-parameter `k` (fastai name) to `v`, a number or one value per parameter group."
+        self._torch_name(k)
+        for group, val in enumerate(_broadcast(v, self.n_groups, k)): self._set_group_hyper(group, k, val)
+
+    def _torch_name(self, k):
         name = self.names.get(k)
         if name is None: raise KeyError(f"Unknown hyper-parameter {k!r}; this optimizer has {sorted(self.names)}")
-        vals = _broadcast(v, self.n_groups, k)
-        groups, skip = self.opt.param_groups, (self.no_wd if k == 'wd' else ())
-        for val, idx in zip(vals, self.torch_groups_of):
-            for i in idx:
-                if i in skip: continue
-                g = groups[i]
-                if isinstance(name, tuple):            # e.g. Adam's mom is betas[0]
-                    key, pos = name
-                    old = g[key]
-                    g[key] = (val, old[1]) if pos == 0 else (old[0], val)
-                else: g[name] = val
+        return name
+
+    def _set_group_hyper(self, group, k, val):
+        "Hyper-parameter `k` of logical group `group` in each of its torch groups (weight decay skips the no-wd ones)."
+        name, groups = self._torch_name(k), self.opt.param_groups
+        for i in self.torch_groups_of[group]:
+            if k == 'wd' and i in self.no_wd: continue
+            g = groups[i]
+            if isinstance(name, tuple):            # e.g. Adam's mom is betas[0]
+                key, pos = name
+                old = g[key]
+                g[key] = (val, old[1]) if pos == 0 else (old[0], val)
+            else: g[name] = val
 
     def get_hyper(self, k, group=-1):
         "The current value of hyper-parameter `k` in parameter group `group` (cheap: read per batch)."
         g = self.opt.param_groups[self.torch_groups_of[group][0]]
-        name = self.names[k]
+        name = self._torch_name(k)
         return g[name[0]][name[1]] if isinstance(name, tuple) else g.get(name)
 
     def set_hypers(self, **kwargs):
@@ -104,19 +111,47 @@ class OptimWrapper:
 
     @property
     def hypers(self):
-        "One dict per parameter group: {fastai name: value}."
-        out = []
-        for idx in self.torch_groups_of:
-            g = self.opt.param_groups[idx[0]]
-            out.append({k: (g[n[0]][n[1]] if isinstance(n, tuple) else g[n]) for k, n in self.names.items()
-                        if (n[0] if isinstance(n, tuple) else n) in g})
-        return out
+        """One live view per parameter group, {fastai name: value}, as fastai's `opt.hypers`: reading reads the torch
+        optimizer, and writing sets it (`for h in opt.hypers: h['lr'] /= 10` lowers every group's lr). A tuple, so
+        that assigning a whole group (`opt.hypers[0] = {...}`) raises instead of changing nothing."""
+        return tuple(GroupHypers(self, i) for i in range(self.n_groups))
 
     def step(self, closure=None): return self.opt.step(closure)
     def zero_grad(self, set_to_none=True): self.opt.zero_grad(set_to_none=set_to_none)
     def state_dict(self): return self.opt.state_dict()
     def load_state_dict(self, sd): self.opt.load_state_dict(sd)
     def __repr__(self): return f"OptimWrapper({type(self.opt).__name__}, {self.n_groups} group(s))"
+
+
+class GroupHypers(MutableMapping):
+    """The hyper-parameters of one parameter group of an `OptimWrapper`, by fastai name, read from and written to the
+    torch optimizer itself (what `opt.hypers` returns). Only the names this optimizer has are keys; none can be
+    removed."""
+    def __init__(self, wrapper, group): self.wrapper, self.group = wrapper, group
+
+    def _keys(self):
+        w = self.wrapper
+        g = w.opt.param_groups[w.torch_groups_of[self.group][0]]
+        return [k for k, n in w.names.items() if (n[0] if isinstance(n, tuple) else n) in g]
+
+    def _check(self, k):
+        if k not in self._keys():
+            raise KeyError(f"Unknown hyper-parameter {k!r}; this optimizer has {sorted(self._keys())}")
+
+    def __getitem__(self, k):
+        self._check(k)
+        return self.wrapper.get_hyper(k, self.group)
+
+    def __setitem__(self, k, v):
+        self._check(k)
+        self.wrapper._set_group_hyper(self.group, k, v if isinstance(v, torch.Tensor) else float(v))
+
+    def __delitem__(self, k):
+        raise TypeError(f"A parameter group's hyper-parameters cannot be removed (tried {k!r}); set a value instead")
+
+    def __iter__(self): return iter(self._keys())
+    def __len__(self): return len(self._keys())
+    def __repr__(self): return repr(dict(self))
 
 
 def _default(opt_cls, arg):

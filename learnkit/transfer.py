@@ -118,6 +118,8 @@ def freeze_to(learn, n):
         for p in g:
             if id(p) not in keep: p.requires_grad_(False)
     learn.opt.zero_grad()
+    # The health report then takes a layer without gradients for a freeze on purpose (a note, not a warning).
+    learn.frozen_on_purpose = k > 0
 
 
 def fine_tune(learn, epochs, base_lr=2e-3, freeze_epochs=1, lr_mult=100, pct_start=0.3, div=5.0, **kwargs):

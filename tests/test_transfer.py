@@ -245,3 +245,16 @@ def test_what_vision_learner_cannot_guess_is_asked_for(fmnist, pretrained_file):
     with pytest.raises(ValueError, match='freeze every group'): learn.freeze_to(2)
     from learnkit import Learner
     with pytest.raises(ValueError, match='no splitter'): Learner(dls, small_cnn(n_out=5)).fine_tune(1)
+
+
+def test_the_health_report_takes_a_frozen_body_for_a_freeze_on_purpose(fmnist):
+    from learnkit import WeightStats
+    dls = DataLoaders.from_tensors(fmnist.x_train[:256], fmnist.y_train[:256], fmnist.x_valid[:64],
+                                   fmnist.y_valid[:64], bs=64, vocab=fmnist.classes, device='cpu')
+    learn = vision_learner(dls, simple_cnn, pretrained=False, cut=4, cbs=[WeightStats()], device='cpu')
+    learn.freeze()
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    frozen = learn.diagnose(show=False).by_check('unchanged_layers')
+    assert frozen and all(f.severity == 'info' and 'learn.freeze()' in f.message for f in frozen)
+    learn.unfreeze()
+    assert not learn.frozen_on_purpose

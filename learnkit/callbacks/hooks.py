@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..callback import Callback
+from ..torch_core import flatten_model
 
 __all__ = ['Hook', 'Hooks', 'hook_output', 'hook_outputs', 'HookCallback', 'default_modules', 'module_names',
            'layer_index', 'without_grad']
@@ -109,8 +110,7 @@ def default_modules(model, include_paramless=False, also=None):
     """The leaf modules of `model` in definition order: those with parameters (as fastai hooks them), or every
     leaf with `include_paramless=True` (which adds activations, pooling, Flatten...); `also(module)` may add
     parameterless leaves it returns True for."""
-    return [m for m in model.modules() if not any(True for _ in m.children())
-            and (include_paramless or _has_params(m) or (also is not None and also(m)))]
+    return [m for m in flatten_model(model) if include_paramless or _has_params(m) or (also is not None and also(m))]
 
 
 def module_names(model, modules):

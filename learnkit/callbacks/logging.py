@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..callback import Callback
-from ..checkpoint import is_main_process
+from ..checkpoint_io import is_main_process
 
 __all__ = ['CSVLogger', 'TensorBoardCallback']
 

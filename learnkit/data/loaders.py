@@ -1,29 +1,26 @@
 """`TfmdDL`, learnkit's loader, and `DataLoaders`, a training/validation pair of loaders.
 
 A `TfmdDL` turns a source (see `sources.py`) into batches `(xb, yb)`: xb float (N, C, H, W) on `dl.device`, scaled
-to [0, 1] and passed through the batch transforms; yb int64. When the source is an in-memory uint8 cache that
-fits the device budget, the cache lives on the device and a batch is an `index_select` there: no host work per
-batch beyond launching kernels. Otherwise batches are gathered on the host into pinned memory and copied on a
-side CUDA stream, one batch ahead of the consumer.
+to [0, 1] and passed through the batch transforms; yb int64 class indices (or float multi-hot rows, multi-label).
+When the source is an in-memory uint8 cache that fits the device budget, the cache lives on the device and a batch
+is an `index_select` there: no host work per batch beyond launching kernels. Otherwise batches are gathered on the
+host into pinned memory and copied on a side CUDA stream, one batch ahead of the consumer.
 
 The order is a pure function of `(dl.seed, epoch)`, drawn with a private `torch.Generator`, so an epoch can be
 replayed, resumed mid-way (`set_epoch(epoch, start_batch)`) and split across ranks (`shard`).
 """
+import copy
 import math
 
 import torch
 
 from .items import ItemPipeline, mode_for, to_float as _to_float
-from .show import show_images
+from .show import label_titles, show_images
 from .sources import DatasetSource, ImageFiles, TensorSource
+from ..torch_core import default_device, listify
 from .transforms import BatchTransform, ItemTransform
 
 __all__ = ['TfmdDL', 'DataLoaders', 'default_device']
-
-
-def default_device() -> torch.device:
-    "The GPU when there is one (as fastai), else the CPU."
-    return torch.device('cuda', torch.cuda.current_device()) if torch.cuda.is_available() else torch.device('cpu')
 
 
 def _as_device(device) -> torch.device:
@@ -40,7 +37,7 @@ def _epoch_seed(seed, epoch):
 
 def check_batch_tfms(tfms):
     "Return the batch transforms as a list sorted by `order`, rejecting anything that is not one."
-    tfms = [] if tfms is None else list(tfms) if isinstance(tfms, (list, tuple)) else [tfms]
+    tfms = listify(tfms)
     for t in tfms:
         if isinstance(t, ItemTransform):
             raise TypeError(f"{t!r} is an item transform: pass it in item_tfms, not batch_tfms")
@@ -102,6 +99,17 @@ class TfmdDL:
             # As torch's DistributedSampler: repeat the first items so every rank gets the same count.
             idx = idx.repeat(math.ceil(total / max(n, 1)))[:total][self.rank::self.world_size]
         return idx
+
+    def new(self, bs=None, shuffle=None, drop_last=None, augment=None, seed=None):
+        """A loader over the same source (and its cache) and batch transforms, with the settings given changed and
+        the others kept: `dl.new(shuffle=False, drop_last=False, augment=False)` yields every item once, in order,
+        as validation sees it (what predictions need); `augment=True` gives test-time augmentation."""
+        if bs is not None and bs < 1: raise ValueError(f"bs={bs}: the batch size must be at least 1")
+        dl = copy.copy(self)
+        for name, value in dict(bs=bs, shuffle=shuffle, drop_last=drop_last, augment=augment, seed=seed).items():
+            if value is not None: setattr(dl, name, value)
+        dl._epoch_chosen, dl._start_batch = True, 0
+        return dl
 
     def set_epoch(self, epoch, start_batch=0):
         "Make the next iteration epoch `epoch`, starting at batch `start_batch` (the earlier ones are not loaded)."
@@ -207,9 +215,7 @@ class TfmdDL:
     def show_batch(self, max_n=9, figsize=None):
         "A figure of the first `max_n` images of `one_batch()`, decoded, titled with their labels."
         xb, yb = self.one_batch()
-        labels = yb[:max_n].tolist()  # sync-ok: a plot, not the training loop
-        titles = [self.vocab[i] for i in labels] if self.vocab is not None else labels
-        return show_images(self.decode(xb[:max_n]), titles, max_n=max_n, figsize=figsize)
+        return show_images(self.decode(xb[:max_n]), label_titles(yb[:max_n], self.vocab), max_n=max_n, figsize=figsize)
 
     def __repr__(self):
         return (f"TfmdDL(n={self.n}, bs={self.bs}, shuffle={self.shuffle}, drop_last={self.drop_last}, "
@@ -229,23 +235,25 @@ class DataLoaders:
     """A training and a validation loader (`TfmdDL`s, or plain torch DataLoaders).
 
     On construction, batch transforms with a `setup` (a `Normalize()` without statistics) compute what they
-    need from the training loader. `to(device)` moves both loaders' batches."""
-    def __init__(self, train, valid, device=None):
-        self.train, self.valid, self._device = train, valid, None
+    need from the training loader. `to(device)` moves both loaders' batches. `loss_func` is the loss that fits
+    the targets (a DataBlock sets it from its target block: cross-entropy, or BCEWithLogitsLoss for multi-label);
+    a Learner built without a loss takes it."""
+    def __init__(self, train, valid, device=None, loss_func=None):
+        self.train, self.valid, self._device, self.loss_func = train, valid, None, loss_func
         if device is not None: self.to(device)
         for t in getattr(train, 'batch_tfms', ()):
             if hasattr(t, 'setup'): t.setup(train)
 
     @classmethod
     def from_sources(cls, train_source, valid_source, bs=64, val_bs=None, batch_tfms=None, vocab=None, device=None,
-                     seed=None, device_cache_budget=None):
+                     seed=None, device_cache_budget=None, loss_func=None):
         "Training (shuffled, drop_last, augmented) and validation loaders over two sources, sharing `batch_tfms`."
         tfms = check_batch_tfms(batch_tfms)
         device = default_device() if device is None else device
         common = dict(batch_tfms=tfms, vocab=vocab, device=device, device_cache_budget=device_cache_budget)
         train = TfmdDL(train_source, bs, shuffle=True, drop_last=True, augment=True, seed=seed, **common)
         valid = TfmdDL(valid_source, val_bs or bs, seed=seed, **common)
-        return cls(train, valid)
+        return cls(train, valid, loss_func=loss_func)
 
     @classmethod
     def from_tensors(cls, x_train, y_train, x_valid, y_valid, bs=64, batch_tfms=None, vocab=None, **kwargs):

@@ -27,7 +27,7 @@ def default_device_cache_budget(device) -> int:
 
 
 class TensorSource:
-    """Items held as tensors `x` (N, C, H, W) and `y` (N,): a batch is an `index_select`.
+    """Items held as tensors `x` (N, C, H, W) and `y` (N,) or (N, ...) (multi-hot rows): a batch is an `index_select`.
 
     `place(device, budget)` moves a copy of the tensors to a CUDA device when they fit `budget` bytes, so
     batching runs there; the host copy stays for `peek` and for moving back."""
@@ -62,7 +62,7 @@ class TensorSource:
     def gather_pinned(self, idx):
         "Gather on the host into page-locked memory, so the copy to the GPU can be asynchronous."
         xb = torch.empty((len(idx), *self.host_x.shape[1:]), dtype=self.host_x.dtype, pin_memory=True)
-        yb = torch.empty(len(idx), dtype=self.host_y.dtype, pin_memory=True)
+        yb = torch.empty((len(idx), *self.host_y.shape[1:]), dtype=self.host_y.dtype, pin_memory=True)
         return torch.index_select(self.host_x, 0, idx, out=xb), torch.index_select(self.host_y, 0, idx, out=yb)
 
     def peek(self, idx): return self.host_x[idx], self.host_y[idx]
@@ -77,14 +77,18 @@ def _streamer(dataset, batches, workers, pin_memory):
 
 
 class ImageFiles:
-    """Image files with int64 labels, decoded lazily: on `load()` into a `TensorSource` cache when
-    `N x C x H x W` bytes fit `cache_budget`, otherwise decoded per batch by worker processes (`stream`).
+    """Image files with their targets (int64 class indices, or a tensor such as float multi-hot rows), decoded
+    lazily: on `load()` into a `TensorSource` cache when `N x C x H x W` bytes fit `cache_budget`, otherwise
+    decoded per batch by worker processes (`stream`).
 
     `mode` is 'L' or 'RGB', `prep` the item transforms; `on_error='skip'` leaves unreadable files out (they are
     listed in `skipped`) and needs the cache."""
     def __init__(self, files, labels, mode='RGB', prep=(), workers=None, on_error='raise', cache_budget=None):
         if on_error not in ('raise', 'skip'): raise ValueError(f"on_error={on_error!r}: use 'raise' or 'skip'")
-        self.files, self.labels = list(files), torch.as_tensor(labels, dtype=torch.int64)
+        self.files = list(files)
+        self.labels = labels if isinstance(labels, torch.Tensor) else torch.as_tensor(labels, dtype=torch.int64)
+        if len(self.labels) != len(self.files):
+            raise ValueError(f"{len(self.files)} image files but {len(self.labels)} labels")
         self.mode, self.prep, self.on_error = mode, tuple(prep), on_error
         self.workers = default_workers() if workers is None else workers
         self.cache_budget = default_cache_budget() if cache_budget is None else cache_budget

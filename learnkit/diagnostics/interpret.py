@@ -16,6 +16,9 @@ class ClassificationInterpretation:
         if probs.ndim != 2:
             raise ValueError(f"probs must be (items, classes); got shape {tuple(probs.shape)}. "
                              "ClassificationInterpretation is for single-label classifiers.")
+        if targs.ndim != 1:
+            raise ValueError(f"targets must be class indices (items,); got shape {tuple(targs.shape)}, multi-hot rows "
+                             "of a multi-label learner: ClassificationInterpretation is for single-label classifiers")
         self.probs, self.targs, self.losses, self.inputs = probs, targs.long(), losses, inputs
         self.preds = probs.argmax(dim=1)
         self.vocab = list(vocab) if vocab is not None else list(range(probs.shape[1]))
