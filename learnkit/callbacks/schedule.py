@@ -58,7 +58,7 @@ def _arr(v):
     "A float for one value (fast to compute with per batch), a numpy array for one value per group."
     if isinstance(v, (list, tuple, np.ndarray)):
         v = np.asarray(v, dtype=float)
-        return float(v.reshape(-1)[0]) if v.size == 1 else v
+        return float(v.reshape(-1)[0]) if v.size == 1 else v  # sync-ok: a numpy array, not a tensor
     return v
 
 

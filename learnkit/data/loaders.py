@@ -266,7 +266,8 @@ class DataLoaders:
         if vocab is None: vocab = list(range(int(ys.max()) + 1)) if len(ys) else []  # sync-ok: host labels, once
         vocab = list(vocab)
         if len(ys) and (ys.min() < 0 or ys.max() >= len(vocab)):  # sync-ok: host labels, once
-            raise ValueError(f"labels run from {int(ys.min())} to {int(ys.max())} but vocab has {len(vocab)} "
+            lo, hi = int(ys.min()), int(ys.max())  # sync-ok: host labels, in an error message
+            raise ValueError(f"labels run from {lo} to {hi} but vocab has {len(vocab)} "
                              f"classes; labels must be 0..{len(vocab) - 1}")
         return cls.from_sources(train, valid, bs=bs, batch_tfms=batch_tfms, vocab=vocab, **kwargs)
 

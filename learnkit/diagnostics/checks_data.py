@@ -51,7 +51,8 @@ def check_output_kind(data, th):
     o = data.outputs
     expects, n = o['expects'], len(o['probe_min'])
     if expects is None or not n: return []
-    probs = bool(((o['probe_min'] >= -th.probs_tol) & (o['probe_row_sum_error'] <= th.probs_tol)).all())  # sync-ok
+    rows_are_probs = (o['probe_min'] >= -th.probs_tol) & (o['probe_row_sum_error'] <= th.probs_tol)
+    probs = bool(rows_are_probs.all())  # sync-ok: CPU records
     log_probs = bool((o['probe_logsumexp'] <= th.probs_tol).all())  # sync-ok: CPU records
     its = o['probe_iters']
     where, loss = (int(its[0]), int(its[-1])), data.loss_name  # sync-ok: CPU records
