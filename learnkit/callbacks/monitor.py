@@ -1,6 +1,4 @@
 """HealthMonitor: the health report live, during fit; and `health_cbs()`, every callback the report needs."""
-import inspect
-
 from ..callback import Callback, CancelFitException, noop
 from .activations import ActivationStats
 from .gradients import GradientStats
@@ -86,8 +84,6 @@ def health_cbs(check_every=200, stop_on=None, show=True, **thresholds):
     """Every callback the health report needs, for `Learner(..., cbs=health_cbs())`: InputStats, OutputStats,
     ActivationStats (histograms, and the bounded activations such as tanh hooked too, for saturation),
     GradientStats, WeightStats and a `HealthMonitor(check_every, stop_on, show, **thresholds)`."""
-    activations = (ActivationStats(with_hist=True, include_saturating=True)
-                   if 'include_saturating' in inspect.signature(ActivationStats).parameters
-                   else ActivationStats(with_hist=True))
-    return [InputStats(), OutputStats(), activations, GradientStats(), WeightStats(),
+    return [InputStats(), OutputStats(), ActivationStats(with_hist=True, include_saturating=True), GradientStats(),
+            WeightStats(),
             HealthMonitor(check_every, stop_on, show, **thresholds)]
