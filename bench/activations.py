@@ -7,8 +7,9 @@
 Variants, each hooking every layer with parameters on every training batch (each run trains the model from the
 same initial weights):
   plain        the loop alone: forward, cross-entropy, backward, Adam step, on batches already in memory
-  learnkit     + learnkit's ActivationStats(with_hist=True) (exact mean/std, near_zero and histograms from a
+  learnkit     + learnkit's ActivationStats(with_hist=True) (mean, std, near_zero and histograms from a
                2048-element sample, records on the device)
+  exact        + ActivationStats(with_hist=True, exact=True) (mean and std from every element, the rest sampled)
   exact_hist   + ActivationStats(with_hist=True, sample=None) (every element counted and histogrammed)
   no_hist      + ActivationStats() (mean, std, near_zero only)
   sample4k     + ActivationStats(with_hist=True, sample=4096) (a larger sample)
@@ -71,6 +72,7 @@ class CallbackDriver:
 def make_variant(name, model, device):
     if name == 'plain': return None
     if name == 'learnkit': return CallbackDriver(model, ActivationStats(with_hist=True), device)
+    if name == 'exact': return CallbackDriver(model, ActivationStats(with_hist=True, exact=True), device)
     if name == 'exact_hist': return CallbackDriver(model, ActivationStats(with_hist=True, sample=None), device)
     if name == 'no_hist': return CallbackDriver(model, ActivationStats(), device)
     if name == 'sample4k': return CallbackDriver(model, ActivationStats(with_hist=True, sample=4096), device)
@@ -130,7 +132,7 @@ def main():
     p.add_argument('--repeats', type=int, default=15)
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--device', default='cpu')
-    p.add_argument('--variants', default='plain,learnkit,exact_hist,naive,fastai')
+    p.add_argument('--variants', default='plain,learnkit,exact,exact_hist,naive,fastai')
     p.add_argument('--bn', default='false,true', help="which models: 'false' (simple_cnn), 'true' (with BN), or both")
     args = p.parse_args()
     if not args.variants.startswith('plain'): raise SystemExit("--variants must start with 'plain', the reference")

@@ -5,10 +5,12 @@ bs 64, one epoch of 1cycle plus validation), with hooks on every layer with para
 
 - nothing (the cost of PyTorch's hook dispatch);
 - one op per layer: `dot(x, x)`, the least an exact on-device statistic can read;
-- two dots per layer: `dot(x, 1)` and `dot(x, x)`, the exact sums that mean and std come from;
-- one op per layer: `index_select` of a 2048-element sample, what a sampled histogram must copy;
+- two dots per layer: `dot(x, 1)` and `dot(x, x)`, the sums that ActivationStats(exact=True)'s mean and std come
+  from (it also shifts the values first: one more op);
+- one op per layer: `index_select` of a 2048-element sample, what a sampled statistic must copy;
 
-and ActivationStats(with_hist=True), which does both of the last two (three ops per layer) plus the binning.
+and ActivationStats(with_hist=True), which does only the last (one op per layer) plus the staged finish, where
+the mean, std, near-zero share and histogram of every sample are computed together every 16 batches.
 Runs alternate and each round's ratio is taken against that round's plain PyTorch loop; medians.
 
     python bench/hook_floor.py [--rounds 16]
@@ -76,6 +78,7 @@ def main():
         'two dots per layer (exact sums)': lambda: PerLayerOps(exact_sums()),
         'one 2048-sample gather per layer': lambda: PerLayerOps(sample_of()),
         'ActivationStats(with_hist=True)': lambda: ActivationStats(with_hist=True),
+        'ActivationStats(with_hist=True, exact=True)': lambda: ActivationStats(with_hist=True, exact=True),
     }
     configs = {'raw PyTorch loop': lambda: raw_loop(dls, dev, 0.01)}
     configs.update({name: (lambda make=make: learnkit_run(dls, dev, 0.01, [make()])) for name, make in hooks.items()})

@@ -63,6 +63,10 @@ def main():
                          lambda: [ActivationStats(with_hist=True, batched=False)]),
                         ('+ ActivationStats(with_hist=True, batched=True)   [CUDA default]',
                          lambda: [ActivationStats(with_hist=True, batched=True)]),
+                        ('+ ActivationStats(with_hist=True, exact=True, batched=False)',
+                         lambda: [ActivationStats(with_hist=True, exact=True, batched=False)]),
+                        ('+ ActivationStats(with_hist=True, exact=True, batched=True)',
+                         lambda: [ActivationStats(with_hist=True, exact=True, batched=True)]),
                         ('+ GradientStats()', lambda: [GradientStats()])):
         ops = per_batch(data, make)
         rows.append((label, ops, ops - loop))

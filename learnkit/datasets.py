@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 __all__ = ['FASHION_MNIST_PATH', 'FASHION_MNIST_CLASSES', 'FashionMNIST', 'fashion_mnist', 'fashion_mnist_tree',
-           'read_idx', 'tree_label']
+           'read_idx', 'tree_label', 'has_fashion_mnist_files']
 
 FASHION_MNIST_PATH = Path('/usr/share/datasets/fashion-mnist')
 FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat',
@@ -50,13 +50,21 @@ def read_idx(fn) -> np.ndarray:
     return np.frombuffer(data, dtype, offset=4 + 4 * ndim).reshape(dims)
 
 
-def _find_idx(folder: Path, stem: str) -> Path:
-    for name in (stem + '.gz', stem):
-        if (folder / name).is_file(): return folder / name
+def _idx_file(folder: Path, stem: str) -> Path | None:
+    "The IDX file `stem` in `folder` (gzipped or not, in either spelling), or None."
     # Some mirrors name the files train-images.idx3-ubyte; accept that spelling too.
     alt = stem.replace('-idx', '.idx')
-    for name in (alt + '.gz', alt):
-        if (folder / name).is_file(): return folder / name
+    return next((folder / n for n in (stem + '.gz', stem, alt + '.gz', alt) if (folder / n).is_file()), None)
+
+
+def has_fashion_mnist_files(folder) -> bool:
+    "Whether `folder` holds Fashion-MNIST's (or MNIST's) IDX files, judged by any one of the four being there."
+    return any(_idx_file(Path(folder), stem) is not None for stem in _FILES.values())
+
+
+def _find_idx(folder: Path, stem: str) -> Path:
+    found = _idx_file(folder, stem)
+    if found is not None: return found
     names = ', '.join(f + '.gz' for f in _FILES.values())
     raise FileNotFoundError(
         f"Fashion-MNIST file {stem}(.gz) not found in {folder}. Install the Debian package "

@@ -55,6 +55,7 @@ import torch
 
 from .callback import INNER_LOOP_EVENTS, Callback, event_methods
 from .graph_adam import GraphAdam
+from .torch_core import listify
 
 __all__ = ['GraphMode', 'GraphStep', 'graph_unsafe', 'with_graph_mode']
 
@@ -73,7 +74,7 @@ def _batch_events(cb): return sorted(INNER_LOOP_EVENTS & set(event_methods(cb)))
 def with_graph_mode(learn, cbs, graph):
     "The fit's temporary callbacks `cbs` (a list), with a GraphMode when `graph` asks for one and none is present."
     if not isinstance(graph, bool): raise TypeError(f"fit(graph=...) takes True or False; got {graph!r}")
-    cbs = [] if cbs is None else list(cbs) if isinstance(cbs, (list, tuple)) else [cbs]
+    cbs = listify(cbs)
     present = any(isinstance(cb, GraphMode) or cb is GraphMode for cb in cbs + learn.cbs)
     return cbs + [GraphMode()] if graph and not present else cbs
 

@@ -9,28 +9,22 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
 
 from .callback import CANCEL_EXCEPTIONS, Callback, DispatchTable, _name_origin, noop
 from .callbacks.core import GatherPredsCallback, TrainEvalCallback
 from .callbacks.progress import ProgressCallback
 from .callbacks.recorder import Recorder
 from .callbacks import distributed, mixed_precision, schedule
-from . import checkpoint, graph_mode, predictions
+from . import checkpoint, graph_mode, predictions, sanity
 from .metrics import as_metric
 from .losses import CrossEntropyLossFlat
 from .optimizer import Adam, OptimWrapper, as_opt_func
-from .torch_core import to_detach
-from .predictions import is_cross_entropy, loss_activation
+from .torch_core import default_device, listify, to_detach
+from .predictions import loss_activation
 
 __all__ = ['Learner', 'default_callbacks', 'default_device']
 
 default_callbacks = [TrainEvalCallback, Recorder, ProgressCallback]
-
-
-def default_device():
-    "CUDA when available, else the CPU."
-    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 
 
 def _detupled(name, doc):
@@ -67,7 +61,7 @@ class Learner:
         self.loss_func = loss_func if loss_func is not None else _default_loss(dls)
         self.opt_func, self.lr, self.splitter = as_opt_func(opt_func), lr, splitter
         self.wd, self.wd_bn_bias, self.moms = wd, wd_bn_bias, moms
-        self.metrics = [as_metric(m) for m in _listify(metrics)]
+        self.metrics = [as_metric(m) for m in listify(metrics)]
         self.path, self.model_dir = Path(path), model_dir
         self.device = torch.device(device) if device is not None else default_device()
         self.memory_format = torch.channels_last if channels_last else None
@@ -123,7 +117,7 @@ class Learner:
         return self
 
     def add_cbs(self, cbs):
-        for cb in _listify(cbs): self.add_cb(cb)
+        for cb in listify(cbs): self.add_cb(cb)
         return self
 
     def remove_cb(self, cb):
@@ -139,13 +133,13 @@ class Learner:
         return self
 
     def remove_cbs(self, cbs):
-        for cb in _listify(cbs): self.remove_cb(cb)
+        for cb in listify(cbs): self.remove_cb(cb)
         return self
 
     @contextlib.contextmanager
     def added_cbs(self, cbs):
         "Callbacks present only inside the `with` block."
-        cbs = [cb() if isinstance(cb, type) else cb for cb in _listify(cbs)]
+        cbs = [cb() if isinstance(cb, type) else cb for cb in listify(cbs)]
         self.add_cbs(cbs)
         try: yield self
         finally: self.remove_cbs(cbs)
@@ -153,7 +147,7 @@ class Learner:
     @contextlib.contextmanager
     def removed_cbs(self, cbs):
         "Callbacks absent inside the `with` block, then put back."
-        cbs = [c for c in _listify(cbs) if c in self.cbs]
+        cbs = [c for c in listify(cbs) if c in self.cbs]
         self.remove_cbs(cbs)
         try: yield self
         finally: self.add_cbs(cbs)
@@ -207,7 +201,7 @@ class Learner:
                              "Learner(..., lr=...). learn.lr_find() suggests one.")
         if not isinstance(n_epoch, int) or n_epoch < 1:
             raise ValueError(f"n_epoch must be a positive int; got {n_epoch!r}")
-        if resume is not None: cbs = _listify(cbs) + [checkpoint.ResumeCallback(resume)]
+        if resume is not None: cbs = listify(cbs) + [checkpoint.ResumeCallback(resume)]
         cbs = graph_mode.with_graph_mode(self, cbs, graph)
         with self._run_context(cbs):
             if reset_opt or self.opt is None: self.create_opt()
@@ -232,7 +226,7 @@ class Learner:
     def _do_epoch_train(self):
         self.dl = self.dls.train
         if hasattr(self.dl, '__len__') and len(self.dl) == 0:
-            raise ValueError(_empty_loader_message(self.dl))
+            raise ValueError(sanity.empty_loader_message(self.dl))
         graph = self._own_attr('graph_mode')  # fit(graph=True): the replayed step replaces the batch loop
         self._with_events(self._all_batches if graph is None else graph.train_epoch, 'train')
 
@@ -261,7 +255,7 @@ class Learner:
         if self.yb:
             try: self.loss_grad = self.loss_func(self.pred, *self.yb)
             except (RuntimeError, ValueError, IndexError, TypeError) as e:
-                raise _loss_error(e, self) from e
+                raise sanity.loss_error(e, self) from e
             self.loss = self.loss_grad.detach()
         self('after_loss')
         if not self.training or not self.yb: return
@@ -270,26 +264,9 @@ class Learner:
         self.opt.zero_grad()
 
     def _check_outputs(self):
-        """Once per run, before the first loss: a classifier that returns fewer scores than the data has classes,
-        known from the loaders' vocab, or else from labels the datasets hold on the host. Nothing is read from
-        the device. On CUDA the loss would fail on such targets with a device-side assert that names nothing and
-        leaves the GPU unusable until the process restarts."""
+        "Once per run, before the first loss: the model's outputs fit the data's classes (see `sanity.check_outputs`)."
         self._outputs_checked = True
-        vocab, pred = getattr(self.dls, 'vocab', None), self.pred
-        if not (is_cross_entropy(self.loss_func) and isinstance(pred, torch.Tensor) and pred.ndim == 2): return
-        n_out = pred.shape[1]
-        if vocab is not None:
-            if n_out < len(vocab):
-                raise ValueError(f"The model returns {n_out} scores per item, but the data has {len(vocab)} "
-                                 f"classes: build the model with n_out={len(vocab)} (dls.c).")
-            return
-        # No vocab (plain torch loaders): the labels, when the dataset holds them on the host, read once per run.
-        for labels in (_host_labels(getattr(self.dls, 'train', None)), _host_labels(getattr(self.dls, 'valid', None))):
-            if labels is None or not len(labels): continue
-            low, high = int(labels.min()), int(labels.max())  # sync-ok: host labels, once per run
-            if low < 0 or high >= n_out:
-                raise ValueError(f"The targets range over [{low}, {high}] but the model has n_out={n_out} outputs: "
-                                 f"build the model with n_out={high + 1}, or fix the labels.")
+        sanity.check_outputs(self)
 
     def _do_backward(self): self.loss_grad.backward()
     def _do_step(self): self.opt.step()
@@ -306,7 +283,7 @@ class Learner:
     @contextlib.contextmanager
     def _run_context(self, cbs):
         "Temporary callbacks in, then whatever happens: cleanup_fit on every callback, temporary ones out."
-        cbs = [cb() if isinstance(cb, type) else cb for cb in _listify(cbs)]
+        cbs = [cb() if isinstance(cb, type) else cb for cb in listify(cbs)]
         self.add_cbs(cbs)
         try:
             self._prepare()
@@ -355,7 +332,7 @@ class Learner:
                              "with_decoded=True too")
         dl = predictions.inference_loader(predictions.loader_for(self.dls, ds_idx)) if dl is None else dl
         gather = GatherPredsCallback(with_input=with_input, with_loss=with_loss)
-        with self._run_context([gather] + _listify(cbs)), self.no_logging(): self._do_epoch_validate(dl)
+        with self._run_context([gather] + listify(cbs)), self.no_logging(): self._do_epoch_validate(dl)
         out = gather.result()
         preds = (act if act is not None else loss_activation(self.loss_func))(out[0])
         if not with_decoded: return (preds,) + out[1:]
@@ -502,11 +479,6 @@ class Learner:
         return f"Learner({type(self.model).__name__}, cbs={[type(c).__name__ for c in self.cbs]})"
 
 
-def _listify(x):
-    if x is None: return []
-    return list(x) if isinstance(x, (list, tuple)) else [x]
-
-
 def _channels_last(x):
     return x.contiguous(memory_format=torch.channels_last) if isinstance(x, torch.Tensor) and x.ndim == 4 else x
 
@@ -527,49 +499,3 @@ def _item_as_batch(dls, item):
         raise TypeError(f"predict with plain torch loaders takes the input tensor of one item, as the model takes it "
                         f"without the batch dimension; got {type(item).__name__}")
     return item[None]
-
-
-def _host_labels(dl):
-    """The integer class labels of a loader's dataset when they are on the host (a TensorDataset's last tensor,
-    or a torchvision-style `targets`), else None: reading them costs no device sync."""
-    ds = getattr(dl, 'dataset', None)
-    labels = ds.tensors[-1] if isinstance(ds, TensorDataset) else getattr(ds, 'targets', None)
-    if isinstance(labels, (list, tuple)) and labels and isinstance(labels[0], int): labels = torch.tensor(labels)
-    if (not isinstance(labels, torch.Tensor) or labels.ndim != 1 or labels.is_floating_point()
-            or labels.device.type != 'cpu'):
-        return None
-    return labels
-
-
-def _empty_loader_message(dl):
-    n = getattr(dl, 'n', None)
-    if n is None and hasattr(dl, 'dataset'):
-        try: n = len(dl.dataset)
-        except TypeError: n = None
-    bs, drop_last = getattr(dl, 'bs', getattr(dl, 'batch_size', None)), getattr(dl, 'drop_last', None)
-    return (f"The training loader yields no batches ({n} items, batch size {bs}, drop_last={drop_last}). "
-            "Use more training data, a smaller bs, or drop_last=False.")
-
-
-def _loss_error(e, learn):
-    "A ValueError that names the loss, the shapes and dtypes it got, and the likely fix."
-    pred, targ = learn.pred, learn.yb[0]
-    name = getattr(learn.loss_func, '__name__', type(learn.loss_func).__name__)
-    desc = (f"pred of shape {tuple(pred.shape)} ({pred.dtype}) and target of shape "
-            f"{tuple(getattr(targ, 'shape', ()))} ({getattr(targ, 'dtype', type(targ).__name__)})")
-    hint = ''
-    if isinstance(targ, torch.Tensor) and isinstance(pred, torch.Tensor):
-        if pred.shape[0] != targ.shape[0]:
-            hint = "The batch sizes differ: does the model flatten or reshape the batch dimension away?"
-        elif targ.is_floating_point() and pred.ndim == targ.ndim + 1:
-            hint = ("The targets are floats where class indices are expected: convert them with .long() "
-                    "(or use a regression loss such as nn.MSELoss).")
-        elif not targ.is_floating_point() and pred.ndim >= 2 and targ.numel():
-            n_out, t_max, t_min = pred.shape[1], int(targ.max()), int(targ.min())  # sync-ok: error path only
-            if t_max >= n_out or t_min < 0:
-                hint = (f"The targets range over [{t_min}, {t_max}] but the model has n_out={n_out} outputs: "
-                        f"build the model with n_out={t_max + 1} (dls.c), or fix the labels.")
-            elif pred.ndim > targ.ndim + 1:
-                hint = ("The model's output has extra dimensions: end it with Flatten() (as simple_cnn does) "
-                        "so it returns (batch, n_classes).")
-    return ValueError(f"loss_func {name} failed on {desc}: {str(e).rstrip('.')}. {hint}".rstrip())

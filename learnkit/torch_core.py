@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ['tensor', 'find_bs', 'unsqueeze', 'to_detach', 'flatten_model', 'NoneReduce']
+__all__ = ['tensor', 'find_bs', 'unsqueeze', 'to_detach', 'flatten_model', 'NoneReduce', 'default_device', 'listify']
 
 
 def tensor(x, *rest, **kwargs):
@@ -88,3 +88,19 @@ def NoneReduce(loss_func):
         try: yield loss_func
         finally: loss_func.reduction = saved
     else: yield functools.partial(loss_func, reduction='none')
+
+
+def default_device() -> torch.device:
+    """The device a Learner and learnkit loaders use when none is given: CUDA when available (as fastai), else the
+    CPU. On CUDA, in a torchrun process group, the GPU its LOCAL_RANK names (`callbacks.distributed.local_device`);
+    otherwise torch's current device (`torch.cuda.set_device` chooses it), always with its index, so that 'cuda'
+    and 'cuda:0' never make two devices that compare unequal."""
+    if not torch.cuda.is_available(): return torch.device('cpu')
+    from .callbacks.distributed import local_device, num_distrib
+    return local_device('cuda') if num_distrib() > 1 else torch.device('cuda', torch.cuda.current_device())
+
+
+def listify(x) -> list:
+    "`x` as a new list: [] for None, the items of a list or tuple, else `[x]` (a callback, a transform, a metric)."
+    if x is None: return []
+    return list(x) if isinstance(x, (list, tuple)) else [x]

@@ -63,6 +63,11 @@ def test_noise_scale_from_micro_batches_agrees_with_brute_force(fmnist):
     assert row.grad_sq_ema == pytest.approx(g2, rel=0.1)
     assert row.trace_ema == pytest.approx(trace, rel=0.1)
     assert gns.critical_batch_size() == pytest.approx(trace / g2, rel=0.1)
+    # Its state for a checkpoint: a new GradientNoiseScale reads the same measurements and goes on with the EMAs.
+    restored = GradientNoiseScale(n_micro=8, every=1, beta=0.9)
+    restored.load_state_dict(gns.state_dict())
+    assert restored.noise_scale.equals(gns.noise_scale) and restored.epoch_columns() == gns.epoch_columns()
+    assert list(gns.stats) == ['grad_sq', 'trace', 'grad_sq_ema', 'trace_ema', 'noise_scale', 'iter', 'epoch', 'bs']
 
 
 def test_accumulated_batches_give_the_same_estimate_as_split_batches(fmnist):

@@ -73,9 +73,13 @@ def test_recorded_stats_are_those_of_the_activations(baseline):
     outputs = baseline.keep_outputs.outputs
     assert len(outputs) == len(df) == 31
     for b, out in enumerate(outputs):
-        assert df['mean'].iloc[b] == pytest.approx(out.mean().item(), rel=1e-4, abs=1e-6)
-        assert df['std'].iloc[b] == pytest.approx(out.std().item(), rel=1e-3)
-        # near_zero comes from a 2048-element sample of the 16,384: within 4 standard errors, as documented
+        # All three come from a 2048-element sample of the 16,384: within 4 standard errors, as documented (the
+        # std's grows with the kurtosis, which the collapse makes large).
+        x = out.double().flatten()
+        std = x.std().item()
+        kurtosis = (((x - x.mean()) ** 4).mean() / std ** 4).item() if std > 0 else 1.
+        assert df['mean'].iloc[b] == pytest.approx(x.mean().item(), abs=4 * std / 2048 ** 0.5 + 1e-7)
+        assert df['std'].iloc[b] == pytest.approx(std, abs=4 * std * ((kurtosis - 1) / (4 * 2048)) ** 0.5 + 1e-7)
         f = (out <= 0.05).float().mean().item()
         assert df['near_zero'].iloc[b] == pytest.approx(f, abs=4 * (f * (1 - f) / 2048) ** 0.5 + 1e-6)
 

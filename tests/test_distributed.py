@@ -29,6 +29,25 @@ def _model():
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
 
 
+def _act_images(fm):
+    "The N_ACT training images the statistics runs see, normalised as `_dls` does."
+    mean, std = FMNIST_STATS
+    return (fm.x_train[:N_ACT].float().div(255).unsqueeze(1) - mean) / std
+
+
+def _saturating_model(x):
+    """Linear(784, 64), Tanh (weights x 8: partly saturated), Linear(64, 32), ReLU, Linear(32, 10). The first 8
+    ReLU units are positive on exactly one image of `x` each, so a rank that does not see it finds the unit dead:
+    only combined across ranks do the dead fractions come out right."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.Tanh(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    with torch.no_grad():
+        model[1].weight.mul_(8)
+        first, second = model[:4](x)[:, :8].topk(2, dim=0).values
+        model[3].bias[:8] -= (first + second) / 2
+    return model
+
+
 def _dls(fm, bs, n_train=N_TRAIN, n_valid=N_VALID):
     from learnkit.data import DataLoaders, Normalize
     return DataLoaders.from_tensors(fm.x_train[:n_train], fm.y_train[:n_train], fm.x_valid[:n_valid],
@@ -44,7 +63,11 @@ def _learner(dls, model, **kwargs):
 def _torchrun(mode, out, timeout):
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
            __file__, mode, str(out)]
-    env = {**os.environ, 'PYTHONUNBUFFERED': '1'}
+    # The workers import the learnkit this test imports (a worktree's, not the one the environment installs).
+    import learnkit
+    source = str(Path(learnkit.__file__).resolve().parents[1])
+    env = {**os.environ, 'PYTHONUNBUFFERED': '1',
+           'PYTHONPATH': os.pathsep.join(p for p in (source, os.environ.get('PYTHONPATH')) if p)}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=out)
 
 
@@ -172,9 +195,42 @@ def test_layer_stats_combine_to_the_concatenated_batch(ddp_run, fmnist):
             assert combined.sum().item() == pytest.approx(direct.sum().item(), abs=1e-3)
             assert (combined - direct).abs().max().item() <= 1
             # Sampled on each rank (2048 elements, where a rank's half is larger), combined: within 4 standard
-            # errors of the whole batch's fraction.
+            # errors (of one rank's sample: a bound on the combined one's) of the whole batch's statistics.
             f = (a <= 0.05).float().mean().item()
-            assert r['sampled_near_zero'][i] == pytest.approx(f, abs=4 * (f * (1 - f) / 2048) ** 0.5 + 1e-6)
+            sampled = r['sampled_stats']
+            assert sampled['near_zero'][i] == pytest.approx(f, abs=4 * (f * (1 - f) / 2048) ** 0.5 + 1e-6)
+            x = a.double()
+            kurtosis = (((x - x.mean()) ** 4).mean() / x.std() ** 4).item()
+            assert sampled['mean'][i] == pytest.approx(x.mean().item(), abs=4 * x.std().item() / 2048 ** 0.5)
+            se_std = x.std().item() * ((kurtosis - 1) / (4 * 2048)) ** 0.5
+            assert sampled['std'][i] == pytest.approx(x.std().item(), abs=4 * se_std)
+
+
+def test_saturation_exact_sums_and_dead_windows_across_epochs_combine_over_ranks(ddp_run, fmnist):
+    """4 epochs of the N_ACT images (one batch per rank per epoch) at lr 0, with ActivationStats(exact=True,
+    sample=512, include_saturating=True) and GradientStats(dead_window=3): every epoch's statistics are those of
+    all the images. The exact sums (2048 values per rank, above the sample) combine to the whole set's mean and std;
+    the Tanh's sampled saturated share to within the standard error of the whole set's; and both dead-unit
+    windows, one across three epochs and one left open at an epoch end and closed when fit ends, count the
+    channels no image of either rank made positive."""
+    _, results, _ = ddp_run
+    x = _act_images(fmnist)
+    model = _saturating_model(x)
+    with torch.no_grad(): outs = [model[:k](x) for k in (2, 3, 4, 5, 6)]  # Linear, Tanh, Linear, ReLU, Linear
+    dead = (outs[3].amax(0) <= 0).float().mean().item()
+    assert dead < (outs[3][:N_ACT // 2].amax(0) <= 0).float().mean().item()  # half the images would see more dead
+    f = ((outs[1].abs() >= 1 - 0.02).float().mean()).item()  # within 1% of the range (-1, 1) from a bound
+    assert 0.1 < f < 0.9
+    for r in results:
+        s = r['saturating']
+        assert s['bounds'] == [None, [-1., 1.], None, None] and s['dead_iters'] == [2, 3]
+        for i, o in enumerate([outs[k] for k in (0, 1, 2, 4)]):
+            for epoch in range(4):
+                assert s['mean'][epoch][i] == pytest.approx(o.double().mean().item(), rel=1e-5, abs=1e-6)
+                assert s['std'][epoch][i] == pytest.approx(o.double().std().item(), rel=1e-5)
+        assert all(row[1] == pytest.approx(f, abs=4 * (f * (1 - f) / 1024) ** 0.5) for row in s['saturated'])
+        assert all(row[0] != row[0] and row[2] != row[2] for row in s['saturated'])  # NaN: unbounded layers
+        assert s['dead'] == [[pytest.approx(dead)], [pytest.approx(dead)]]
 
 
 def test_learnkit_train_runs_under_torchrun(ddp_run):
@@ -256,11 +312,22 @@ def _train_worker(out):
     stats = stats_learn.activation_stats.stats
     result['activation_stats'] = {k: stats[k][0].tolist() for k in ('mean', 'std', 'near_zero', 'hist')}
     result['dead_units'] = stats_learn.gradient_stats.stats['dead'][0].tolist()
-    # The same batch with the default sample: each rank's near_zero counts are estimates from its own sample.
+    # The same batch with the default sample: each rank's statistics are estimates from its own sample.
     sampled_learn = _learner(_dls(fm, N_ACT // world, n_train=N_ACT, n_valid=VAL_BS), learn.model,
                              cbs=[ActivationStats()])
     with sampled_learn.no_logging(): sampled_learn.fit(1, lr=0.)
-    result['sampled_near_zero'] = sampled_learn.activation_stats.stats['near_zero'][0].tolist()
+    sampled = sampled_learn.activation_stats.stats
+    result['sampled_stats'] = {k: sampled[k][0].tolist() for k in ('mean', 'std', 'near_zero')}
+
+    # 4 epochs of one batch per rank: saturation, exact sums and dead-unit windows across epochs (see the test).
+    saturating = _learner(_dls(fm, N_ACT // world, n_train=N_ACT, n_valid=VAL_BS), _saturating_model(_act_images(fm)),
+                          cbs=[ActivationStats(exact=True, sample=512, include_saturating=True),
+                               GradientStats(dead_window=3)])
+    with saturating.no_logging(): saturating.fit(4, lr=0.)
+    acts, grads = saturating.activation_stats.stats, saturating.gradient_stats.stats
+    result['saturating'] = {k: acts[k].tolist() for k in ('mean', 'std', 'saturated')}
+    result['saturating'].update(bounds=acts['bounds'], dead=grads['dead'].tolist(),
+                                dead_iters=grads['dead_iters'].tolist())
 
     # GradientAccumulation over 2 batches per rank: the global batch of a step is the single-process batches
     # 2k and 2k+1. Only the backward of the batch that steps all-reduces (counted with a DDP comm hook).

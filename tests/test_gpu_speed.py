@@ -256,7 +256,7 @@ def test_batched_reads_on_cuda_record_what_per_layer_reads_record(fmnist, setup)
     class ReadTogether(Callback):
         order = 100
         def after_batch(self):
-            if self.training: self.seen.append(self.learn.activation_stats._batch is not None)
+            if self.training: self.seen.append(self.learn.activation_stats._batched_reads is not None)
 
     stats = {}
     for batched in (None, False):  # None: CUDA's default, batched

@@ -182,6 +182,17 @@ def test_health_monitor_lets_a_healthy_run_finish(chapter_dls, capsys):
     assert 'HealthMonitor' not in capsys.readouterr().out
 
 
+def test_health_monitor_keeps_out_of_lr_find_and_quiet_inside_no_logging(chapter_dls, capsys):
+    torch.manual_seed(0)
+    learn = Learner(chapter_dls, simple_cnn(bn=True), loss_func=F.cross_entropy, device='cpu',
+                    cbs=health_cbs(check_every=5, stop_on='error'))
+    with learn.no_bar(): learn.lr_find(num_it=30, show_plot=False)  # its loss diverges on purpose
+    assert learn.health_monitor.report is None and learn.health_monitor.stopped_by is None
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-7)  # lr far too low: found, not shown
+    assert learn.health_monitor.report.by_check('lr_too_low')
+    assert capsys.readouterr().out == ''
+
+
 def test_health_monitor_validates_its_arguments():
     with pytest.raises(ValueError, match="check_every=0.*int >= 1"): HealthMonitor(check_every=0)
     with pytest.raises(ValueError, match="stop_on='fatal'.*None.*'error' or 'warning'"): HealthMonitor(stop_on='fatal')

@@ -15,8 +15,10 @@ from torch.utils.data import DataLoader
 from ..callback import Callback, CancelBatchException
 from ..metrics import batch_size
 from ..records import TensorLog
+from .collectives import all_reduce_mean
 from .mixed_precision import MixedPrecision
 from .schedule import ParamScheduler
+from .stats import StatsCallback
 
 __all__ = ['GradientAccumulation', 'GradientNoiseScale', 'BatchSizeScheduler', 'noise_scale_estimate']
 
@@ -88,7 +90,7 @@ def noise_scale_estimate(small_sq, big_sq, inv_small, inv_big):
     return (big_sq * inv_small - small_sq * inv_big) / gap, (small_sq - big_sq) / gap
 
 
-class GradientNoiseScale(Callback):
+class GradientNoiseScale(StatsCallback):
     """Estimates the simple noise scale B_simple = tr(Sigma)/|G|^2 while training (McCandlish et al. 2018).
 
     |G|^2 is the squared norm of the true gradient and tr(Sigma) the summed per-sample gradient variance. Both
@@ -116,7 +118,9 @@ class GradientNoiseScale(Callback):
     locally (see DistributedCallback), so they are the small batches, of this rank's size; the batch that steps
     is not one of them, as its gradient arrives already averaged over the ranks; and the big batch is the global
     one, `world_size` times the samples this rank accumulated. So a step needs at least one batch before the
-    one that steps, and every rank has its own estimates, which are averaged across ranks once per epoch.
+    one that steps, and every rank has its own estimates, which are averaged across ranks once per epoch
+    (`combine_ranks`): each is an unbiased estimate of the same |G|^2 and tr(Sigma), so their mean is one with less
+    noise, and the EMAs, linear in the estimates, stay consistent with it.
 
     The loss must be mean-reduced (the default of torch's losses), so a gradient is a mean over samples.
     Nothing is read from the device per batch; `noise_scale` (a DataFrame, one row per measurement),
@@ -126,6 +130,9 @@ class GradientNoiseScale(Callback):
     (clipping).
     """
     order, run_valid = 7, False   # after GradientAccumulation (it rescales the gradient in before_step)
+    record_schema = {'grad_sq': "raw estimate of |G|^2, the squared norm of the true gradient",
+                     'trace': "raw estimate of tr(Sigma), the summed per-sample gradient variance",
+                     'grad_sq_ema': "debiased EMA of grad_sq", 'trace_ema': "debiased EMA of trace"}
 
     def __init__(self, n_micro=None, every=None, beta=0.95):
         if n_micro is not None and (not isinstance(n_micro, int) or n_micro < 2):
@@ -134,7 +141,7 @@ class GradientNoiseScale(Callback):
             raise ValueError(f"GradientNoiseScale(every={every!r}): measure every `every` batches, a positive int")
         if not 0 <= beta < 1: raise ValueError(f"GradientNoiseScale(beta={beta!r}): beta must be in [0, 1)")
         self.n_micro, self.every, self.beta = n_micro, every, beta
-        self._log, self._rows, self._ema, self._n = TensorLog(), [], None, 0
+        self._log, self._rows, self._ema, self._n, self._steps, self._acc = TensorLog(), [], None, 0, 0, None
 
     def before_fit(self):
         self._acc = next((cb for cb in self.learn.cbs if isinstance(cb, GradientAccumulation)), None)
@@ -216,16 +223,50 @@ class GradientNoiseScale(Callback):
         if self._ema is None: return {'noise_scale': None}
         return {'noise_scale': float(self._ema[1] / self._ema[0])}  # sync-ok: once per epoch
 
+    # ---- the statistics protocol (see stats.py) ------------------------------------------------------------
+    def device_records(self): return {'records': self._log.values()}
+
+    def summarize(self, raw):
+        """`grad_sq`, `trace`, `grad_sq_ema`, `trace_ema` and `noise_scale` (= trace_ema / grad_sq_ema), one value
+        per measurement, with its `iter` (training batch), `epoch` and `bs` (the big batch)."""
+        rows = raw['records'].reshape(-1, len(self.record_schema)).float()
+        out = {k: rows[:, j] for j, k in enumerate(self.record_schema)}
+        out['noise_scale'] = out['trace_ema'] / out['grad_sq_ema']
+        where = torch.tensor(self._rows, dtype=torch.long).reshape(-1, 3)
+        out.update(iter=where[:, 0], epoch=where[:, 1], bs=where[:, 2])
+        return out
+
+    def records_mark(self): return len(self._log)
+
+    def combine_ranks(self, since):
+        "Average this epoch's estimates, and the EMAs, across ranks (see the class docstring)."
+        if len(self._log) == since: return
+        rows = self._log.values()[since:]
+        rows.copy_(all_reduce_mean(rows))
+        self._ema = all_reduce_mean(self._ema)
+
+    def state_dict(self):
+        "The measurements so far and the EMAs, so that a resumed fit continues them (one host read, at checkpoints)."
+        return {'records': self._log.state_dict()['values'], 'rows': [list(r) for r in self._rows],
+                'ema': None if self._ema is None else self._ema.cpu(),  # sync-ok: checkpoint writing
+                'n': self._n, 'steps': self._steps}
+
+    def load_state_dict(self, state):
+        device = self.learn.device if self.learn is not None else None
+        self._log.load_state_dict({'values': state['records']}, device)
+        self._rows = [tuple(r) for r in state['rows']]
+        self._ema = None if state['ema'] is None else state['ema'].to(device)
+        self._n, self._steps = state['n'], state['steps']
+        if self._acc is not None: self._start_group()  # the group restarts, as accumulation does
+
     @property
     def noise_scale(self):
         """One row per measurement: `iter` (training batch), `epoch`, `bs` (the big batch), the raw estimates
         `grad_sq` (|G|^2) and `trace` (tr(Sigma)), their EMAs, and `noise_scale` = trace_ema / grad_sq_ema."""
         import pandas as pd
-        vals = self._log.numpy().reshape(-1, 4)  # sync-ok: read on request
-        df = pd.DataFrame(self._rows, columns=['iter', 'epoch', 'bs'])
-        for i, col in enumerate(['grad_sq', 'trace', 'grad_sq_ema', 'trace_ema']): df[col] = vals[:, i]
-        df['noise_scale'] = df.trace_ema / df.grad_sq_ema
-        return df
+        s = self.stats
+        return pd.DataFrame({k: s[k].numpy() for k in ('iter', 'epoch', 'bs', *self.record_schema,  # sync-ok: CPU
+                                                        'noise_scale')})
 
     def critical_batch_size(self):
         """The latest smoothed B_simple. McCandlish et al. find the critical batch size (where doubling the batch
@@ -234,7 +275,7 @@ class GradientNoiseScale(Callback):
         if not self._rows:
             raise RuntimeError("GradientNoiseScale has no measurement yet: fit with it first (it measures every "
                                f"{self.every or 'few'} training batches)")
-        return float(self.noise_scale.noise_scale.iloc[-1])
+        return float(self.noise_scale.noise_scale.iloc[-1])  # sync-ok: a CPU DataFrame, on request
 
     def tradeoff(self, batch_sizes=(32, 64, 128, 256, 512, 1024, 2048)):
         """What each batch size would cost, by McCandlish et al.'s model with B_noise ~ `critical_batch_size()`:

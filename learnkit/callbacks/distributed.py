@@ -32,9 +32,10 @@ What the callback does, and the choices behind it:
   (total, count) pairs because it needs no knowledge of each metric's internals and masks the padding
   exactly; its cost is one gather of the predictions (n_valid x n_outputs values) per validation.
   `get_preds` returns the gathered predictions on every rank.
-- Statistics: ActivationStats (sums, sums of squares, counts, histograms) and GradientNoiseScale records are
-  combined across ranks at the end of each epoch's training, GradientStats' dead-unit windows as they close,
-  so every rank reads the statistics of the global batches.
+- Statistics: every `StatsCallback` (ActivationStats, GradientStats, GradientNoiseScale, ...) gives a mark of
+  its records before each epoch's training (`records_mark()`) and, after it, combines what it recorded since
+  across ranks itself (`combine_ranks(mark)`), so every rank reads the statistics of the global batches. This
+  callback knows nothing else of them.
 - Checkpoints: only rank 0 writes them. When SaveModelCallback loads the best epoch back at the end of fit,
   or TerminateOnNaNCallback the last good checkpoint, rank 0 sends the file's bytes to the other ranks (which
   may not see its files), so every rank ends with the same weights.
@@ -57,18 +58,18 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..callback import Callback, noop
 from ..metrics import batch_size
-from .activations import _HIST, _NEAR, _NSAMPLE, _NUMEL, ActivationStats
-from .batch_size import GradientAccumulation, GradientNoiseScale
+from .batch_size import GradientAccumulation
+from .collectives import (all_gather, all_reduce_max, all_reduce_mean, all_reduce_sum, broadcast, broadcast_bytes,
+                          broadcast_int, gather_interleaved)
 from .core import GatherPredsCallback
-from .gradients import GradientStats
 from .progress import ProgressCallback
 from .schedule import LRFinder
+from .stats import StatsCallback
 
 __all__ = ['DEFAULT_TIMEOUT', 'rank_distrib', 'num_distrib', 'local_rank_distrib', 'is_rank0', 'rank0_only',
            'launched_distributed', 'local_device', 'setup_distrib', 'teardown_distrib', 'unwrap_model',
-           'all_reduce_sum', 'all_reduce_max', 'all_reduce_mean', 'broadcast', 'broadcast_int', 'all_gather',
-           'gather_interleaved',
-           'reduce_activation_records', 'DistributedCallback', 'distrib_ctx', 'torchrun_callbacks']
+           'all_reduce_sum', 'all_reduce_max', 'all_reduce_mean', 'broadcast', 'broadcast_int', 'broadcast_bytes',
+           'all_gather', 'gather_interleaved', 'DistributedCallback', 'distrib_ctx', 'torchrun_callbacks']
 
 # A collective that waits longer than this for a peer raises instead of hanging (checkpoint writes on rank 0
 # take seconds, so minutes leave a wide margin).
@@ -154,120 +155,6 @@ def unwrap_model(model):
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-# ---- collectives on tensors --------------------------------------------------------------------------------------
-def _comm_device(t):
-    "nccl reduces CUDA tensors only; gloo reduces tensors where they are."
-    return torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else t.device
-
-
-def _all_reduce(t, op):
-    out = t.detach().to(_comm_device(t), copy=True)
-    dist.all_reduce(out, op=op)
-    return out.to(t.device)
-
-
-def all_reduce_sum(t):
-    "The sum of `t` over all ranks, as a new tensor on `t`'s device (no host read)."
-    return _all_reduce(t, dist.ReduceOp.SUM)
-
-
-def all_reduce_max(t):
-    "The elementwise max of `t` over all ranks, as a new tensor on `t`'s device."
-    return _all_reduce(t, dist.ReduceOp.MAX)
-
-
-def all_reduce_mean(t):
-    "The mean of `t` over all ranks, as a new tensor on `t`'s device (floating point `t`)."
-    return all_reduce_sum(t) / dist.get_world_size()
-
-
-def broadcast(t, src=0):
-    "Rank `src`'s `t`, as a new tensor on `t`'s device on every rank."
-    out = t.detach().to(_comm_device(t), copy=True)
-    dist.broadcast(out, src)
-    return out.to(t.device)
-
-
-def broadcast_int(value, src=0):
-    "Rank `src`'s integer (a seed, say), on every rank."
-    return int(broadcast(torch.tensor([int(value)], dtype=torch.int64), src).item())  # sync-ok: once per epoch
-
-
-def broadcast_bytes(data, src=0):
-    "Rank `src`'s `data` (bytes; the other ranks pass None), on every rank: a length, then the bytes."
-    mine = rank_distrib() == src
-    n = broadcast_int(len(data) if mine else 0, src)
-    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if mine and n else torch.zeros(n, dtype=torch.uint8)
-    return broadcast(buf, src).cpu().numpy().tobytes()  # sync-ok: a checkpoint, once
-
-
-def all_gather(t):
-    "Every rank's `t` (all the same shape), as a list in rank order."
-    dev = _comm_device(t)
-    t = t.detach().contiguous().to(dev)
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t)
-    return parts
-
-
-def gather_interleaved(t, n):
-    """The full data set's rows from each rank's shard `t`: item j of rank r is item `j * world_size + r` of the
-    unsharded order (how `TfmdDL.shard` and `DistributedSampler` deal items out); rows past `n` are the padding
-    that evened the shards, and are dropped. Every rank must pass as many rows."""
-    parts = all_gather(t)
-    return torch.stack(parts, 1).flatten(0, 1)[:n].to(t.device)
-
-
-# ---- statistics recorded on each rank -------------------------------------------------------------------------
-def reduce_activation_records(raw):
-    """ActivationStats' raw records `(rows, layers, 5 [+ bins])` from this rank, combined with the same rows of
-    every other rank into what one process would record on the concatenated batches (on every rank).
-
-    Sums, sums of squares and element counts add up. Near-zero counts and histograms taken from a sample are
-    first scaled to their estimates of the full counts (the sample size becomes the element count), then
-    added, so the mean and the std come out as those of the concatenated activations, in float64."""
-    rows = raw.double()
-    n = rows[..., _NUMEL]
-    out = rows.clone()
-    scale = n / rows[..., _NSAMPLE].clamp(min=1)
-    out[..., _NEAR] = rows[..., _NEAR] * scale
-    if rows.shape[-1] > _HIST: out[..., _HIST:] = rows[..., _HIST:] * scale.unsqueeze(-1)
-    out[..., _NSAMPLE] = n
-    return all_reduce_sum(out).to(raw.dtype)
-
-
-def _combine_activation_stats(cb, start):
-    rows = cb._log.values()[start:]
-    rows.copy_(reduce_activation_records(rows))
-    cb._cache = None  # its summary of the per-rank rows is stale
-
-
-def _combine_noise_scale(cb, start):
-    # Every rank's estimates are unbiased estimates of the same |G|^2 and tr(Sigma): their mean is one with
-    # less noise. The EMAs are linear in the estimates, so averaging them keeps them consistent.
-    rows = cb._log.values()[start:]
-    rows.copy_(all_reduce_mean(rows))
-    if cb._ema is not None: cb._ema = all_reduce_mean(cb._ema)
-
-
-def _combine_dead_units(cb):
-    "A ReLU channel is dead only if no rank saw it positive: each running channel max becomes the max over ranks."
-    for running_max in cb._relu_max:
-        if running_max is not None: running_max.copy_(all_reduce_max(running_max))
-
-
-def _records(cb):
-    "A statistics callback's TensorLog, with any batches it has staged (ActivationStats) recorded first."
-    if hasattr(cb, 'flush'): cb.flush()
-    return cb._log
-
-
-# Statistics callbacks whose records differ per rank, and how to combine one epoch of rows across ranks.
-# GradientStats' norms and update ratios need nothing (DDP has averaged the gradients before anyone reads
-# them); its dead-unit windows are combined as they close (`_combine_dead_units`).
-_RANK_RECORDS = {ActivationStats: _combine_activation_stats, GradientNoiseScale: _combine_noise_scale}
-
-
 # ---- sharding loaders --------------------------------------------------------------------------------------------
 def _n_items(dl):
     "Items in the whole (unsharded) data set behind `dl`."
@@ -313,7 +200,7 @@ class DistributedCallback(Callback):
     def __init__(self, timeout=DEFAULT_TIMEOUT, **ddp_kwargs):
         self.timeout, self.ddp_kwargs = timeout, ddp_kwargs
         self._active, self._sharded, self._rebuilt, self._muted, self._saved_logger = False, [], {}, [], None
-        self._valid_batches, self._record_starts, self._gradient_stats = [], [], []
+        self._valid_batches, self._record_marks = [], []
         self._accumulation = None
 
     @property
@@ -344,7 +231,7 @@ class DistributedCallback(Callback):
         for cb in self._muted: cb.run = True
         if self._saved_logger is not None: learn.logger = self._saved_logger
         self._sharded, self._rebuilt, self._muted, self._saved_logger = [], {}, [], None
-        self._valid_batches, self._active = [], False
+        self._valid_batches, self._record_marks, self._active = [], [], False
 
     # -- fit --
     def before_fit(self):
@@ -359,7 +246,6 @@ class DistributedCallback(Callback):
             # per-forward broadcast cost a fifth of the throughput of a small CNN on a GPU.
             kwargs = {**kwargs, _NO_FORWARD_BUFFER_SYNC: False, **self.ddp_kwargs}
             learn.model = DistributedDataParallel(learn.model, **kwargs)
-        self._gradient_stats = [cb for cb in learn.cbs if isinstance(cb, GradientStats)]
         self._accumulation = next((cb for cb in learn.cbs if isinstance(cb, GradientAccumulation)), None)
         if any(isinstance(cb, LRFinder) for cb in learn.cbs):
             # lr_find sized its fit from the unsharded loader; a rank's shard has 1/world_size of the batches,
@@ -368,8 +254,8 @@ class DistributedCallback(Callback):
 
     def before_train(self):
         self.learn.dl = self._shard(self.learn.dl)
-        self._record_starts = [(cb, combine, len(_records(cb))) for cb in self.learn.cbs
-                               for cls, combine in _RANK_RECORDS.items() if isinstance(cb, cls)]
+        # Where each statistics callback's records stand, so that it combines this epoch's across ranks.
+        self._record_marks = [(cb, cb.records_mark()) for cb in self.learn.cbs if isinstance(cb, StatsCallback)]
 
     def before_batch(self):
         # With GradientAccumulation, only the backward of a batch that steps all-reduces the gradients; the others
@@ -385,16 +271,10 @@ class DistributedCallback(Callback):
         self._unshard(self.learn.dl)
         for buf in unwrap_model(self.learn.model).buffers(): buf.copy_(broadcast(buf))  # rank 0's, for validation
         # One combine per statistics callback per epoch, before anything reads the epoch's records.
-        for cb, combine, start in self._record_starts:
-            if len(_records(cb)) > start: combine(cb, start)
-
-    def after_step(self):
-        for cb in self._gradient_stats:  # a dead-unit window closes in this batch's GradientStats.after_step
-            if cb._active and cb._in_window + 1 == cb.dead_window: _combine_dead_units(cb)
+        for cb, mark in self._record_marks: cb.combine_ranks(mark)
+        self._record_marks = []
 
     def after_fit(self):
-        for cb in self._gradient_stats:  # the last, partial window closes in GradientStats.after_fit
-            if cb._in_window: _combine_dead_units(cb)
         # Rank 0 may still be writing the last epoch's files (checkpoints) that the others are about to read
         # (SaveModelCallback loads the best weights back): wait for it.
         dist.barrier()
@@ -424,7 +304,8 @@ class DistributedCallback(Callback):
     def _gather_validation(self):
         learn, n = self.learn, _n_items(self.learn.dl)
         n_local = sum(len(batch[0]) for batch in self._valid_batches)
-        counts = torch.cat(all_gather(torch.tensor([n_local], device=learn.device))).tolist()  # sync-ok: once per validation
+        counts = torch.cat(all_gather(torch.tensor([n_local], device=learn.device)))
+        counts = counts.tolist()  # sync-ok: once per validation
         if not any(counts): return  # cancelled on every rank before any batch
         if len(set(counts)) > 1:
             raise RuntimeError(f"Validation shards differ in size across ranks ({counts} items): every rank must "
@@ -442,7 +323,7 @@ class DistributedCallback(Callback):
         "Loss and metrics on the whole gathered set, as one batch, into the accumulators the Recorder reads."
         learn = self.learn
         recorder = getattr(learn, 'recorder', None)
-        accumulators = ([recorder._valid_loss] if recorder is not None else []) + list(learn.metrics)
+        accumulators = ([recorder.valid_loss_accumulator] if recorder is not None else []) + list(learn.metrics)
         saved = learn.xb, learn.yb, learn.pred, learn.loss
         try:
             learn.xb, learn.yb, learn.pred = (), targets, preds

@@ -6,6 +6,7 @@ almost all zero (a preprocessing bug), and NaN or Inf in the data, before it bla
 import torch
 
 from ..records import TensorLog
+from .collectives import all_reduce_max, all_reduce_mean
 from .stats import StatsCallback
 
 __all__ = ['InputStats']
@@ -112,7 +113,6 @@ class InputStats(StatsCallback):
 
     def combine_ranks(self, since):
         "The global batch's values: means and zero shares averaged (equal shards), min of mins, max of maxes."
-        from .distributed import all_reduce_max, all_reduce_mean
         self.flush()
         rows = self._log.values()[since:]
         if not len(rows): return

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..callback import Callback
-from ..checkpoint import is_main_process
+from ..checkpoint_io import is_main_process
 
 __all__ = ['CSVLogger', 'TensorBoardCallback']
 
@@ -108,13 +108,15 @@ class TensorBoardCallback(Callback):
         step = self.learn.epoch
         for i, name in enumerate(stats['layer_names']):
             for k in ('mean', 'std', 'near_zero'):
-                self.writer.add_scalar(f'activations/{name}/{k}', float(stats[k][rows, i].nanmean()), step)
+                value = float(stats[k][rows, i].nanmean())  # sync-ok: CPU tensors from stats, epoch end
+                self.writer.add_scalar(f'activations/{name}/{k}', value, step)
             if 'hist' not in stats: continue
             counts = stats['hist'][rows, i].sum(0).double()
             lo, hi = act.hist_range
             edges = torch.linspace(lo, hi, len(counts) + 1, dtype=torch.float64)
             centres = (edges[:-1] + edges[1:]) / 2
-            self.writer.add_histogram_raw(f'activations/{name}', min=lo, max=hi, num=float(counts.sum()),
+            self.writer.add_histogram_raw(f'activations/{name}', min=lo, max=hi,
+                                          num=float(counts.sum()),  # sync-ok: CPU tensors, epoch end
                                           sum=float(counts @ centres), sum_squares=float(counts @ centres ** 2),
                                           bucket_limits=edges[1:].tolist(), bucket_counts=counts.tolist(),  # sync-ok: epoch end
                                           global_step=step)

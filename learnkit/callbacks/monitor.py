@@ -1,7 +1,5 @@
 """HealthMonitor: the health report live, during fit; and `health_cbs()`, every callback the report needs."""
-import inspect
-
-from ..callback import Callback, CancelFitException
+from ..callback import Callback, CancelFitException, noop
 from .activations import ActivationStats
 from .gradients import GradientStats
 from .inputs import InputStats
@@ -24,7 +22,8 @@ class HealthMonitor(Callback):
     the progress output (`show=True`). With `stop_on='error'` (or 'warning') it ends the fit as soon as a root cause
     of that severity appears, so a doomed run stops early; findings that judge the whole run (no progress, a
     plateau, overfitting, ...) never stop a fit. `report` is the last report, `stopped_by` the finding that ended
-    the fit (or None). Keywords override the report's `Thresholds`, validated now.
+    the fit (or None). Keywords override the report's `Thresholds`, validated now. It stays silent inside
+    `learn.no_logging()` and does nothing during `lr_find`, whose loss diverges on purpose.
 
     Cost: a check every `check_every` batches reads the records back (one host transfer) and runs the checks on the
     CPU; at the default 200 that is well under 1% of a small CNN's training time."""
@@ -40,9 +39,14 @@ class HealthMonitor(Callback):
             raise ValueError(f"HealthMonitor(stop_on={stop_on!r}): use None (never stop), 'error' or 'warning'")
         self.check_every, self.stop_on, self.show = check_every, stop_on, show
         self.thresholds = make_thresholds(**thresholds)
-        self.report, self.stopped_by, self._shown = None, None, set()
+        self.report, self.stopped_by, self._shown, self._off, self._quiet = None, None, set(), False, False
 
-    def before_fit(self): self.report, self.stopped_by, self._shown = None, None, set()
+    def before_fit(self):
+        from .schedule import LRFinder
+        self.report, self.stopped_by, self._shown = None, None, set()
+        # lr_find diverges on purpose: nothing to check there. Inside no_logging() (get_preds...) nothing is shown.
+        self._off = any(isinstance(cb, LRFinder) for cb in self.learn.cbs)
+        self._quiet = self.learn.logger is noop
 
     def after_batch(self):
         if self.check_every and self.learn.training and self.learn.train_iter % self.check_every == 0:
@@ -53,16 +57,18 @@ class HealthMonitor(Callback):
     def check(self, mid_epoch=False):
         "Run the checks on what is recorded so far; show new root causes; stop the fit if asked to."
         from ..diagnostics.health import RunData, run_checks
+        if self._off: return
         self.report = report = run_checks(RunData.from_learner(self.learn), self.thresholds)
         roots = [f for f in report.root_causes if not (mid_epoch and f.check in WHOLE_RUN_CHECKS)]
         new = [f for f in roots if f.key not in self._shown]
         self._shown.update(f.key for f in new)
-        if self.show and new: self._write(new)
+        if self.show and new and not self._quiet: self._write(new)
         stop = [f for f in roots if f.severity in _STOP_LEVELS[self.stop_on] and f.check not in WHOLE_RUN_CHECKS]
         if stop:
             self.stopped_by = stop[0]
-            self._write([], f"HealthMonitor: stopping the fit at training batch {self.learn.train_iter} "
-                            f"({stop[0].severity} {stop[0].key})")
+            if not self._quiet:
+                self._write([], f"HealthMonitor: stopping the fit at training batch {self.learn.train_iter} "
+                                f"({stop[0].severity} {stop[0].key})")
             raise CancelFitException()
 
     def _write(self, findings, extra=None):
@@ -78,8 +84,6 @@ def health_cbs(check_every=200, stop_on=None, show=True, **thresholds):
     """Every callback the health report needs, for `Learner(..., cbs=health_cbs())`: InputStats, OutputStats,
     ActivationStats (histograms, and the bounded activations such as tanh hooked too, for saturation),
     GradientStats, WeightStats and a `HealthMonitor(check_every, stop_on, show, **thresholds)`."""
-    activations = (ActivationStats(with_hist=True, include_saturating=True)
-                   if 'include_saturating' in inspect.signature(ActivationStats).parameters
-                   else ActivationStats(with_hist=True))
-    return [InputStats(), OutputStats(), activations, GradientStats(), WeightStats(),
+    return [InputStats(), OutputStats(), ActivationStats(with_hist=True, include_saturating=True), GradientStats(),
+            WeightStats(),
             HealthMonitor(check_every, stop_on, show, **thresholds)]

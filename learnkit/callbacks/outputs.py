@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..records import TensorLog
+from .collectives import all_reduce_sum
 from .stats import StatsCallback
 
 __all__ = ['OutputStats', 'loss_expects']
@@ -111,7 +112,7 @@ class OutputStats(StatsCallback):
 
     def after_validate(self):
         # Under DDP each rank counted its own shard: add them up here, where the validation ends.
-        from .distributed import all_reduce_sum, launched_distributed
+        from .distributed import launched_distributed
         if self._in_fit and self._counts is not None and launched_distributed():
             self._counts[1:].copy_(all_reduce_sum(self._counts[1:]))
 
@@ -143,7 +144,6 @@ class OutputStats(StatsCallback):
 
     def combine_ranks(self, since):
         "The training label counts of this epoch, added up over ranks (validation counts are added at its end)."
-        from .distributed import all_reduce_sum
         if self._counts is not None: self._counts[0].copy_(all_reduce_sum(self._counts[0]))
 
     def state_dict(self):

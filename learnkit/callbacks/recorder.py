@@ -24,7 +24,8 @@ class Recorder(StatsCallback):
     Per batch it only launches two small device kernels and appends two Python floats; every value is
     read back in one transfer at the end of the epoch. `values` holds fastai's rows (train_loss,
     valid_loss, metrics..., extra columns); `log` the last full row; `df` the whole table as a DataFrame.
-    Other callbacks add columns by defining `epoch_columns()` returning `{name: value}`.
+    Other callbacks add columns by defining `epoch_columns()` returning `{name: value}`. Validation fills
+    `valid_loss_accumulator` and the metrics (DistributedCallback refills them from the gathered predictions).
     It follows the statistics protocol (`learnkit.callbacks.stats`): its device records are the per-batch losses.
     In graph mode (`learnkit.graph_mode`) the smoothed loss is written inside the captured step into a buffer row at
     the device-side step index, and the epoch's rows join the records at its end.
@@ -37,7 +38,7 @@ class Recorder(StatsCallback):
     def __init__(self, add_time=True, beta=0.98):
         self.add_time = add_time
         self.smooth_loss = AvgSmoothLoss(beta)
-        self._valid_loss = AvgLoss()
+        self.valid_loss_accumulator = AvgLoss()
         self.lrs, self.moms, self.iters, self.values, self.log, self.logs = [], [], [], [], [], []
         self._raw_losses, self._valid_results, self.metric_names = TensorLog(), None, []
 
@@ -56,7 +57,7 @@ class Recorder(StatsCallback):
         self._valid_results = None
 
     def before_validate(self):
-        self._valid_loss.reset()
+        self.valid_loss_accumulator.reset()
         for m in self.learn.metrics: m.reset()
 
     def after_batch(self):
@@ -68,7 +69,7 @@ class Recorder(StatsCallback):
             self.lrs.append(opt.get_hyper('lr'))
             if 'mom' in opt.names: self.moms.append(opt.get_hyper('mom'))
         else:
-            self._valid_loss.accumulate(self.learn)
+            self.valid_loss_accumulator.accumulate(self.learn)
             for m in self.learn.metrics: m.accumulate(self.learn)
 
     def graph_setup(self, graph):
@@ -90,7 +91,7 @@ class Recorder(StatsCallback):
         if 'mom' in self.learn.opt.names: self.moms.extend(graph.hyper_values('mom', start, stop))
 
     def after_validate(self):
-        self._valid_results = [self._valid_loss.value] + [m.value for m in self.learn.metrics]
+        self._valid_results = [self.valid_loss_accumulator.value] + [m.value for m in self.learn.metrics]
         self.before_validate()        # clean accumulators, even if the next validation is cancelled early
 
     def after_epoch(self):

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..callback import Callback, CancelFitException, CancelValidException
+from ..torch_core import listify
 from .recorder import lr_find_curve
 
 __all__ = ['SchedLin', 'SchedCos', 'SchedNo', 'SchedExp', 'SchedPoly', 'combine_scheds', 'combined_cos',
@@ -57,7 +58,7 @@ def _arr(v):
     "A float for one value (fast to compute with per batch), a numpy array for one value per group."
     if isinstance(v, (list, tuple, np.ndarray)):
         v = np.asarray(v, dtype=float)
-        return float(v.reshape(-1)[0]) if v.size == 1 else v
+        return float(v.reshape(-1)[0]) if v.size == 1 else v  # sync-ok: a numpy array, not a tensor
     return v
 
 
@@ -124,7 +125,7 @@ def fit_one_cycle(learn, n_epoch, lr_max=None, div=25., div_final=1e5, pct_start
         raise ValueError(f"moms must be (start, middle, end), e.g. (0.95, 0.85, 0.95); got {moms}")
     scheds = {'lr': combined_cos(pct_start, lr_max / div, lr_max, lr_max / div_final),
               'mom': combined_cos(pct_start, *moms)}
-    return learn.fit(n_epoch, lr=lr_max.tolist(), cbs=[ParamScheduler(scheds)] + _listify(cbs), wd=wd,  # sync-ok: a numpy array, once per fit
+    return learn.fit(n_epoch, lr=lr_max.tolist(), cbs=[ParamScheduler(scheds)] + listify(cbs), wd=wd,  # sync-ok: a numpy array, once per fit
                      start_epoch=start_epoch, resume=resume, graph=graph)
 
 
@@ -136,13 +137,10 @@ def fit_flat_cos(learn, n_epoch, lr=None, div_final=1e5, pct_start=0.75, wd=None
     if learn.opt is None or reset_opt: learn.create_opt()
     lr = np.array(learn.lr_values(lr), dtype=float)
     scheds = {'lr': combine_scheds([pct_start, 1 - pct_start], [SchedNo(lr, lr), SchedCos(lr, lr / div_final)])}
-    return learn.fit(n_epoch, lr=lr.tolist(), cbs=[ParamScheduler(scheds)] + _listify(cbs), wd=wd,  # sync-ok: a numpy array, once per fit
+    return learn.fit(n_epoch, lr=lr.tolist(), cbs=[ParamScheduler(scheds)] + listify(cbs), wd=wd,  # sync-ok: a numpy array, once per fit
                      start_epoch=start_epoch, resume=resume, graph=graph)
 
 
-def _listify(cbs):
-    if cbs is None: return []
-    return list(cbs) if isinstance(cbs, (list, tuple)) else [cbs]
 
 
 class LRFinder(Callback):

@@ -11,9 +11,10 @@ code may know of it is this interface, nothing private:
   rank reads the statistics of the global batches. The callback does it with the collectives in
   `learnkit.callbacks.collectives`; one whose records are the same on every rank combines nothing.
 
-`read_records(cbs)` reads the raw records of several callbacks in one device-to-host transfer per dtype (one,
-when all are float32) (the health report
-and `HealthMonitor` use it), and `stats` on each callback is `summarize` of its own records.
+`read_records(cbs)` reads the raw records of several callbacks in one device-to-host transfer per device and
+dtype (one, when all are float32 on one device); the health report and `HealthMonitor` use it, and `stats` on
+each callback is `summarize` of its own records. Adding a statistic means writing one such callback (and its
+health check): DistributedCallback, the checkpoints and the report need no change.
 """
 import torch
 
@@ -44,19 +45,23 @@ class StatsCallback(Callback):
         return None
 
     def combine_ranks(self, since):
-        "Override when records differ per rank: combine those made since the mark `since` across ranks, in place."
+        """Override when records differ per rank: combine those made since the mark `since` across ranks, in place.
+        Every rank calls it at the same point, so it may run collectives."""
 
 
 def read_records(cbs):
-    """The raw records of each callback in `cbs`, on the CPU, read in one transfer per dtype: a list of {name: tensor}, one
-    per callback. Tensors are flattened into one buffer per dtype and split again on the host."""
+    """The raw records of each callback in `cbs`, on the CPU, read in one transfer per device and dtype: a list of
+    {name: tensor}, one per callback. Tensors are flattened into one buffer per device and dtype and split again on
+    the host; empty ones cost no transfer."""
     records = [cb.device_records() for cb in cbs]
-    by_dtype = {}
-    for i, rec in enumerate(records):
-        for name, t in rec.items(): by_dtype.setdefault(t.dtype, []).append((i, name, t))
+    groups = {}
     out = [{} for _ in cbs]
-    for dtype, items in by_dtype.items():
-        flat = torch.cat([t.reshape(-1) for _, _, t in items]).cpu() if items else None  # sync-ok: on request, once
+    for i, rec in enumerate(records):
+        for name, t in rec.items():
+            if t.numel() == 0: out[i][name] = torch.empty(t.shape, dtype=t.dtype)
+            else: groups.setdefault((t.device, t.dtype), []).append((i, name, t))
+    for items in groups.values():
+        flat = torch.cat([t.reshape(-1) for _, _, t in items]).cpu()  # sync-ok: on request, once per device and dtype
         offset = 0
         for i, name, t in items:
             n = t.numel()

@@ -12,8 +12,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from ..callback import Callback, CancelFitException
-from ..checkpoint import (epoch_start_state, is_main_process, load_checkpoint, load_checkpoint_from_rank0,
-                          save_checkpoint)
+from ..checkpoint_io import (epoch_start_state, is_main_process, load_checkpoint, load_checkpoint_from_rank0,
+                             save_checkpoint)
 
 __all__ = ['TrackerCallback', 'SaveModelCallback', 'EarlyStoppingCallback', 'TerminateOnNaNCallback']
 

@@ -23,7 +23,7 @@ def table_rows(df):
 
 def _rows(mask, df, limit=10):
     "The index labels of the rows where `mask` is true, at most `limit` of them, as a readable string."
-    rows = df.index[mask.to_numpy()].tolist()
+    rows = df.index[mask.to_numpy()].tolist()  # sync-ok: a pandas index, not a tensor
     return f"{rows[:limit]}{' ...' if len(rows) > limit else ''}"
 
 
@@ -40,7 +40,8 @@ def column(df, col, who):
     else: raise ValueError(f"{who}: no column {col!r} in the table; its columns are {names}")
     missing = s.isna()
     if missing.any():
-        raise ValueError(f"{who}: column {s.name!r} has {int(missing.sum())} missing value(s) (NaN, or an empty CSV "
+        n_missing = int(missing.sum())  # sync-ok: a pandas Series, not a tensor
+        raise ValueError(f"{who}: column {s.name!r} has {n_missing} missing value(s) (NaN, or an empty CSV "
                          f"cell), in rows {_rows(missing, df)}; fill them or drop those rows, e.g. "
                          f"df.dropna(subset=[{s.name!r}])")
     return s
@@ -74,7 +75,7 @@ class ColReader:
 
     def read_column(self, df):
         "What `self(row)` gives for every row of `df`, read column by column, checking each column."
-        columns = [column(df, c, repr(self)).tolist() for c in self.cols]  # Python values, not numpy scalars
+        columns = [column(df, c, repr(self)).tolist() for c in self.cols]  # sync-ok: pandas, to Python values
         if not self._plain: columns = [[self._one(v) for v in values] for values in columns]
         return columns[0] if len(columns) == 1 else [list(r) for r in zip(*columns)]
 
@@ -109,7 +110,7 @@ class ColSplitter:
         if not is_table(df):
             raise TypeError(f"{self!r} splits a table (pandas DataFrame) of items; the items are a "
                             f"{type(df).__name__}")
-        values = column(df, self.col, repr(self)).tolist()
+        values = column(df, self.col, repr(self)).tolist()  # sync-ok: a pandas Series, not a tensor
         if self.on is not None:
             on = list(self.on) if isinstance(self.on, (list, tuple, set)) else [self.on]
             valid = [v in on for v in values]
@@ -118,8 +119,9 @@ class ColSplitter:
             bad = [i for i, v in enumerate(valid) if v is None]
             if bad:
                 shown = sorted({repr(values[i]) for i in bad[:10]})
+                rows = df.index[bad].tolist()[:10]  # sync-ok: a pandas index, not a tensor
                 raise ValueError(f"{self!r}: column {self.col!r} must be boolean-like (True/False or 1/0) to mark the "
-                                 f"validation rows; it holds {', '.join(shown)} in rows {df.index[bad].tolist()[:10]}. "
+                                 f"validation rows; it holds {', '.join(shown)} in rows {rows}. "
                                  f"Fix the column, or pass ColSplitter({self.col!r}, on=<the value marking validation "
                                  f"rows>)")
         return [i for i, v in enumerate(valid) if not v], [i for i, v in enumerate(valid) if v]

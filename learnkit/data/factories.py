@@ -34,7 +34,8 @@ def _name_of(label_func):
 
 
 def _is_binary(series):
-    return set(series.unique().tolist()) <= {0, 1, True, False}  # True == 1 and False == 0 in a set
+    # True == 1 and False == 0 in a set
+    return set(series.unique().tolist()) <= {0, 1, True, False}  # sync-ok: pandas, not a tensor
 
 
 class ImageDataLoaders(DataLoaders):

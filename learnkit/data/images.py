@@ -154,7 +154,7 @@ def decode_all(files, mode, prep=(), workers=None, on_error='raise'):
         report_bad(files, bad, on_error)
     skipped = [files[i] for i, _ in bad]
     if not skipped: return cache, torch.arange(len(files)), skipped
-    kept = keep.nonzero().squeeze(1)
+    kept = keep.nonzero().squeeze(1)  # sync-ok: a host mask, once when caching
     return cache[kept], kept, skipped
 
 

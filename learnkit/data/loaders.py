@@ -17,14 +17,10 @@ import torch
 from .items import ItemPipeline, mode_for, to_float as _to_float
 from .show import label_titles, show_images
 from .sources import DatasetSource, ImageFiles, TensorSource
+from ..torch_core import default_device, listify
 from .transforms import BatchTransform, ItemTransform
 
 __all__ = ['TfmdDL', 'DataLoaders', 'default_device']
-
-
-def default_device() -> torch.device:
-    "The GPU when there is one (as fastai), else the CPU."
-    return torch.device('cuda', torch.cuda.current_device()) if torch.cuda.is_available() else torch.device('cpu')
 
 
 def _as_device(device) -> torch.device:
@@ -41,7 +37,7 @@ def _epoch_seed(seed, epoch):
 
 def check_batch_tfms(tfms):
     "Return the batch transforms as a list sorted by `order`, rejecting anything that is not one."
-    tfms = [] if tfms is None else list(tfms) if isinstance(tfms, (list, tuple)) else [tfms]
+    tfms = listify(tfms)
     for t in tfms:
         if isinstance(t, ItemTransform):
             raise TypeError(f"{t!r} is an item transform: pass it in item_tfms, not batch_tfms")
@@ -285,7 +281,8 @@ class DataLoaders:
         if vocab is None: vocab = list(range(int(ys.max()) + 1)) if len(ys) else []  # sync-ok: host labels, once
         vocab = list(vocab)
         if len(ys) and (ys.min() < 0 or ys.max() >= len(vocab)):  # sync-ok: host labels, once
-            raise ValueError(f"labels run from {int(ys.min())} to {int(ys.max())} but vocab has {len(vocab)} "
+            lo, hi = int(ys.min()), int(ys.max())  # sync-ok: host labels, in an error message
+            raise ValueError(f"labels run from {lo} to {hi} but vocab has {len(vocab)} "
                              f"classes; labels must be 0..{len(vocab) - 1}")
         return cls.from_sources(train, valid, bs=bs, batch_tfms=batch_tfms, vocab=vocab, **kwargs)
 

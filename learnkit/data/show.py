@@ -9,8 +9,9 @@ def label_titles(y, vocab=None):
     multi-hot rows (multi-label) the names of the classes set, joined by ';'. Without a vocab, the indices."""
     y = y.detach().cpu()  # sync-ok: titles for a plot, on request
     name = (lambda i: vocab[i]) if vocab is not None else (lambda i: i)
-    if y.ndim == 2: return [';'.join(str(name(i)) for i in row.nonzero().flatten().tolist()) for row in y]
-    return [name(i) for i in y.tolist()]
+    if y.ndim == 2:
+        return [';'.join(str(name(i)) for i in row.nonzero().flatten().tolist()) for row in y]  # sync-ok: CPU labels
+    return [name(i) for i in y.tolist()]  # sync-ok: CPU labels, titles
 
 
 def show_images(images, titles=None, max_n=9, figsize=None, colors=None):
@@ -27,8 +28,8 @@ def show_images(images, titles=None, max_n=9, figsize=None, colors=None):
     for i in range(n):
         ax = fig.add_subplot(nrows, ncols, i + 1)
         img = images[i].detach().cpu().float().clamp(0, 1)  # sync-ok: a plot, on request
-        if img.shape[0] == 1: ax.imshow(img[0].numpy(), cmap='gray', vmin=0, vmax=1)
-        else: ax.imshow(img.permute(1, 2, 0).numpy())
+        if img.shape[0] == 1: ax.imshow(img[0].numpy(), cmap='gray', vmin=0, vmax=1)  # sync-ok: a CPU image, a plot
+        else: ax.imshow(img.permute(1, 2, 0).numpy())  # sync-ok: a CPU image, a plot
         if titles is not None: ax.set_title(str(titles[i]), fontsize=9, **({'color': colors[i]} if colors else {}))
         ax.axis('off')
     fig.tight_layout()

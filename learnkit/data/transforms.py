@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..torch_core import listify
 from .specs import Specified, register_transform
 
 __all__ = ['ItemTransform', 'Resize', 'CenterCrop', 'RandomResizedCrop',
@@ -282,7 +283,7 @@ class Normalize(BatchTransform):
 
 def check_item_tfms(tfms):
     "Return the item transforms as a list, rejecting anything that is not one."
-    tfms = [] if tfms is None else list(tfms) if isinstance(tfms, (list, tuple)) else [tfms]
+    tfms = listify(tfms)
     for t in tfms:
         if isinstance(t, BatchTransform): raise TypeError(f"{t!r} is a batch transform: pass it in batch_tfms, not item_tfms")
         if not isinstance(t, ItemTransform):

@@ -51,7 +51,8 @@ def check_output_kind(data, th):
     o = data.outputs
     expects, n = o['expects'], len(o['probe_min'])
     if expects is None or not n: return []
-    probs = bool(((o['probe_min'] >= -th.probs_tol) & (o['probe_row_sum_error'] <= th.probs_tol)).all())  # sync-ok
+    rows_are_probs = (o['probe_min'] >= -th.probs_tol) & (o['probe_row_sum_error'] <= th.probs_tol)
+    probs = bool(rows_are_probs.all())  # sync-ok: CPU records
     log_probs = bool((o['probe_logsumexp'] <= th.probs_tol).all())  # sync-ok: CPU records
     its = o['probe_iters']
     where, loss = (int(its[0]), int(its[-1])), data.loss_name  # sync-ok: CPU records
@@ -90,7 +91,11 @@ def check_predictions(data, th):
     top = int(pred.argmax())  # sync-ok: CPU records
     share, target_share = (pred[top] / pred.sum()).item(), (targ[top] / targ.sum()).item()  # sync-ok: CPU records
     if share < th.collapsed_predictions or target_share >= th.collapsed_predictions: return []
-    shrink = data.weight_shrink()
+    shrink, explains = data.weight_shrink(), ()
+    if shrink is not None and shrink >= 10:
+        # Weights driven to ~0 silence the units and the gradients too: this collapse is their cause, not the reverse.
+        explains = ('dead_units', 'activation_collapse', 'vanishing_gradients', 'update_ratio', 'lr_too_low',
+                    'saturated_activations')
     if shrink is not None and shrink >= 10 and data.wd:
         advice = (f"the weights shrank {shrink:.0f}-fold during fit under weight decay {fmt(data.wd)}: lower wd "
                   "(Adam's default is 0.01)")
@@ -102,7 +107,7 @@ def check_predictions(data, th):
     return [Finding('error', 'predictions_collapsed',
                     f"{share:.0%} of the validation predictions are class {_class(data, top)}, which is {target_share:.0%} "
                     f"of the targets: the model answers the same class whatever the input",
-                    advice, batches=(data.last_batch, data.last_batch), value=share)]
+                    advice, batches=(data.last_batch, data.last_batch), value=share, explains=explains)]
 
 
 def check_chance(data, th):

@@ -249,11 +249,14 @@ def check_unchanged(data, th):
                                layer=name, batches=where, value=g1))
         else:
             grad = data.layer_grad(name)
-            why = ("no gradient reached it (is it used in forward? is everything after it detached or dead?)"
-                   if grad is not None and grad == 0 else "yet it is trainable and in the optimizer")
+            starved = grad is not None and grad < th.grad_vanishing
+            why = ("no gradient reached it (is it used in forward? is everything after it detached, dead or "
+                   "saturated?)" if starved else "yet it is trainable and in the optimizer")
             out.append(Finding('warning', 'unchanged_layers', f"its weights did not change during fit: {why}",
                                "check that the layer is used in the forward pass, and that its parameter group's "
-                               "learning rate is not 0", layer=name, batches=where, value=grad))
+                               "learning rate is not 0", layer=name, batches=where, value=grad,
+                               explained_by=('vanishing_gradients', 'activation_collapse', 'dead_units',
+                                             'saturated_activations', 'nonfinite') if starved else ()))
     return out
 
 

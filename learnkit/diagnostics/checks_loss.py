@@ -69,34 +69,45 @@ def check_lr_too_low(data, th):
                     batches=(0, len(data.losses) - 1), value=ratio)]
 
 
-def swings(values, rise):
-    """The (low, high) index pairs of the swings in `values`: a rise of at least `rise` (relative) above a low,
-    followed by a fall back by as much from the high (to high / (1 + rise))."""
+def swings(values, rise, factor=1.):
+    """The (low, high) index pairs of the swings in `values`: a rise of at least `rise` above a low, to at least
+    `factor` times it, followed by a fall back by as much from the high."""
     out, low, high, rising = [], 0, None, True
     for t in range(1, len(values)):
         v = values[t]
         if rising:
             if v < values[low]: low = t
-            elif v >= (1 + rise) * values[low]: rising, high = False, t
+            elif v - values[low] >= rise and v >= factor * values[low]: rising, high = False, t
         elif v > values[high]: high = t
-        elif v * (1 + rise) <= values[high]:
+        elif values[high] - v >= rise and v * factor <= values[high]:
             out.append((low, high))
             rising, low = True, t
     return out
 
 
+def _smooth(values, window):
+    "An exponential moving average over about `window` values (the values themselves for a window of 1)."
+    beta, out, avg = 1 - 1 / window, [], None
+    for v in values:
+        avg = v if avg is None else beta * avg + (1 - beta) * v
+        out.append(avg)
+    return out
+
+
 def check_oscillation(data, th):
-    "A loss that swings up and back down, again and again, instead of settling (a learning rate at the edge)."
-    losses = data.losses
-    finite = [v for v in losses if math.isfinite(v)]
-    if len(finite) != len(losses) or len(losses) < 8: return []  # a non-finite loss is `nonfinite`
-    found = swings(losses, th.oscillation_rise)
+    """A loss that swings up and back down, again and again, instead of settling (steps that overshoot): read from
+    each batch's own loss, smoothed over up to 10 batches to average out the noise of sampling batches (a run whose
+    batch is the whole data set has none, and is read as it is)."""
+    losses = data.batch_losses or []
+    if not all(math.isfinite(v) for v in losses) or len(losses) < 8: return []  # non-finite: `nonfinite`
+    smooth = _smooth(losses, max(1, min(10, data.batches_per_epoch)))
+    factor = 1 + th.oscillation_rise
+    found = swings(smooth, 0., factor)
     if len(found) < th.oscillation_swings: return []
-    biggest = max(losses[h] / losses[lo] for lo, h in found)
+    biggest = max(smooth[h] / max(smooth[lo], 1e-12) for lo, h in found)
     return [Finding('warning', 'oscillating_loss',
-                    f"the training loss swung up and back down {len(found)} times (each rise at least "
-                    f"{th.oscillation_rise:.0%}, the largest {biggest:.1f}x, first from batch {found[0][0]} to "
-                    f"{found[0][1]}): the steps overshoot",
+                    f"the training loss swung up at least {factor:g}-fold and back down {len(found)} times (the largest "
+                    f"{biggest:.1f}x, first from batch {found[0][0]} to {found[0][1]}): the steps overshoot",
                     "lower the learning rate (or lr_max), anneal it (fit_one_cycle), or clip gradients",
                     batches=(found[0][0], found[-1][1]), value=float(len(found)))]
 

@@ -13,7 +13,8 @@ class Finding:
     """One problem the report found. `severity` is 'error' (training is broken), 'warning' (it works badly or
     will) or 'info'; `check` names the check; `layer` and `batches` (first, last training batch) say where;
     `value` is the measured number `message` is about; `advice` says what to try. `cause` is the `key` of the
-    finding that explains this one (None for a root cause)."""
+    finding that explains this one (None for a root cause). `explains` and `explained_by` name checks this finding
+    explains, or is explained by, because of its own evidence (beyond the report's fixed table, `EXPLAINS`)."""
     severity: str
     check: str
     message: str
@@ -22,6 +23,8 @@ class Finding:
     batches: tuple[int, int] | None = None
     value: float | None = None
     cause: str | None = None
+    explains: tuple = ()
+    explained_by: tuple = ()
 
     @property
     def key(self):
@@ -80,8 +83,8 @@ class Thresholds:
     - `grad_exploding` (100.0): a gradient norm above this, on any recorded step, is exploding.
     - `update_ratio_low` (1e-5), `update_ratio_high` (0.1): the median ||update|| / ||w|| of a layer outside this
       range is far from the healthy ~1e-3 (its weights barely move, or are rewritten every few steps).
-    - `lr_low_update_ratio` (1e-4): a median update ratio over all layers below this, while the loss still falls
-      steadily but has fallen less than `min_improvement`... see `lr_too_low` in the checks: the learning rate is
+    - `lr_low_update_ratio` (1e-4): a median update ratio (over the layers that move at all) below this, while the
+      loss has not risen and is still falling or has fallen less than `min_improvement`, means a learning rate far
       too low.
     - `dead_units` (0.5): a ReLU whose fraction of never-positive units in the last window is at least this.
     Losses (from the Recorder):
@@ -89,9 +92,10 @@ class Thresholds:
     - `diverge_factor` (3.0): a final loss this many times its minimum has diverged.
     - `plateau_window` (0.25), `plateau_tol` (0.01): over the final `plateau_window` of the run the loss must
       fall by at least `plateau_tol` (relative), unless it is already below `plateau_floor` (0.05).
-    - `oscillation_rise` (0.25), `oscillation_swings` (3): a loss that, after light smoothing, rises at least
-      `oscillation_rise` (relative) above a low and falls back as far, `oscillation_swings` times or more,
-      oscillates.
+    - `oscillation_rise` (1.0), `oscillation_swings` (3): a per-batch loss (smoothed over up to 10 batches, fewer
+      when an epoch has fewer) that rises from a low to (1 + `oscillation_rise`) times it and falls back as far,
+      `oscillation_swings` times or more, oscillates: the noise of sampling batches, averaged so, stays well
+      below a doubling; an overshooting step does not.
     - `overfit_rise` (0.1): a valid loss this fraction above its best epoch while the train loss kept falling.
     - `overfit_gap_epochs` (3): a gap between valid and train loss that grew in each of the last this many epochs
       while the train loss fell and the valid loss stopped improving.
@@ -125,7 +129,7 @@ class Thresholds:
     plateau_window: float = _t(0.25, _FRACTION)
     plateau_tol: float = _t(0.01, _FRACTION)
     plateau_floor: float = _t(0.05, _POSITIVE)
-    oscillation_rise: float = _t(0.25, _POSITIVE)
+    oscillation_rise: float = _t(1.0, _POSITIVE)
     oscillation_swings: int = _t(3, _COUNT)
     overfit_rise: float = _t(0.1, _POSITIVE)
     overfit_gap_epochs: int = _t(3, _COUNT)

@@ -160,6 +160,8 @@ _WHY_MISSING = {
 class RunData:
     "What one fit recorded, read from the learner's callbacks in one transfer: the checks' only input."
     losses: list | None = None      # smoothed training loss per batch
+    batch_losses: list | None = None  # each training batch's own loss
+    batches_per_epoch: int = 1
     lrs: list | None = None         # learning rate per training batch
     epochs: list | None = None      # [(train_loss, valid_loss)] per epoch
     inputs: dict | None = None      # InputStats.stats
@@ -183,11 +185,14 @@ class RunData:
         raws = dict(zip(map(id, cbs), read_records(cbs)))
         stats = lambda cb: cb.summarize(raws[id(cb)]) if id(cb) in raws else cb.stats
         rec = getattr(learn, 'recorder', None)
-        if rec is not None and len(rec.iters or rec.lrs):
-            data.losses = stats(rec)['loss'].tolist() if id(rec) in raws else rec.losses  # sync-ok: CPU records
+        if rec is not None and len(rec.lrs):
+            recorded = stats(rec)
+            data.losses = recorded['loss'].tolist()  # sync-ok: CPU records, read on request
+            data.batch_losses = recorded['batch_loss'].tolist()  # sync-ok: CPU records, read on request
             data.lrs = list(rec.lrs)
+            data.batches_per_epoch = rec.iters[0] if rec.iters else len(rec.lrs)
             data.last_batch = max(len(data.losses) - 1, 0)
-            if not data.losses: data.losses = None
+            if not data.losses: data.losses = data.batch_losses = None
         if rec is not None and any(v[1] is not None for v in rec.values):
             data.epochs = [(v[0], v[1]) for v in rec.values if v[1] is not None]
         for cb in learn.cbs:
@@ -292,22 +297,27 @@ EXPLAINS = {
     'lr_too_low': ('update_ratio',) + _OUTCOMES,
     'vanishing_gradients': ('update_ratio', 'lr_too_low') + _OUTCOMES,
     'loss_diverged': ('oscillating_loss',) + _OUTCOMES,
-    'oscillating_loss': ('loss_plateau',),
-    'predictions_collapsed': ('metric_at_chance',),
-    'metric_at_chance': ('overfitting',),
+    'oscillating_loss': _OUTCOMES,
+    'predictions_collapsed': ('metric_at_chance', 'no_progress', 'loss_plateau'),
+    'metric_at_chance': ('no_progress', 'loss_plateau', 'overfitting'),
 }
 SAME_LAYER = {('unchanged_layers', 'vanishing_gradients'), ('unchanged_layers', 'exploding_gradients'),
               ('unchanged_layers', 'update_ratio'), ('growth_collapse_cycle', 'activation_collapse')}
 _ORDER = ['inputs_degenerate', 'inputs_not_normalized', 'class_imbalance', 'probabilities_into_loss',
           'symmetric_units', 'unchanged_layers', 'poor_initialization', 'nonfinite', 'saturated_activations',
           'growth_collapse_cycle', 'activation_collapse', 'dead_units', 'exploding_gradients', 'vanishing_gradients',
-          'lr_too_low', 'update_ratio', 'loss_diverged', 'oscillating_loss', 'no_progress', 'loss_plateau',
-          'predictions_collapsed', 'metric_at_chance', 'overfitting']
+          'lr_too_low', 'update_ratio', 'loss_diverged', 'oscillating_loss', 'predictions_collapsed',
+          'metric_at_chance', 'no_progress', 'loss_plateau', 'overfitting']
 _RANK = {c: i for i, c in enumerate(_ORDER)}
 
 
 def _explains(cause, effect, position):
-    if cause is effect or effect.check not in EXPLAINS.get(cause.check, ()): return False
+    if cause is effect: return False
+    # A finding's own evidence may decide (weights shrunk by weight decay explain dead units; a layer no gradient
+    # reaches is a vanishing gradient's consequence), and then the fixed table does not link them the other way.
+    if effect.check in cause.explains or cause.check in effect.explained_by: return True
+    if cause.check in effect.explains or effect.check in cause.explained_by: return False
+    if effect.check not in EXPLAINS.get(cause.check, ()): return False
     if (cause.check, effect.check) in SAME_LAYER and cause.layer != effect.layer: return False
     if cause.check == effect.check:
         # Non-finite values, collapses: the earliest place explains the later ones; in one batch, the place earlier

@@ -49,7 +49,7 @@ class ClassificationInterpretation:
     def confusion_matrix(self):
         "Counts (classes x classes) as a numpy array: row = actual class, column = predicted class."
         c = self.n_classes
-        return torch.bincount(self.targs * c + self.preds, minlength=c * c).reshape(c, c).numpy()
+        return torch.bincount(self.targs * c + self.preds, minlength=c * c).reshape(c, c).numpy()  # sync-ok: on request
 
     def plot_confusion_matrix(self, normalize=False, title='Confusion matrix', cmap='Blues', figsize=None, ax=None):
         "The confusion matrix as an image with the counts (or, with `normalize`, row fractions) written in."
@@ -65,7 +65,8 @@ class ClassificationInterpretation:
         threshold = cm.max() / 2
         for i in range(c):
             for j in range(c):
-                ax.text(j, i, f"{cm[i, j]:.2f}" if normalize else f"{int(cm[i, j])}", ha='center', va='center',
+                count = f"{cm[i, j]:.2f}" if normalize else f"{int(cm[i, j])}"  # sync-ok: a numpy array
+                ax.text(j, i, count, ha='center', va='center',
                         fontsize=8, color='white' if cm[i, j] > threshold else 'black')
         fig.tight_layout()
         return fig
@@ -73,7 +74,7 @@ class ClassificationInterpretation:
     def most_confused(self, min_val=1):
         "`(actual, predicted, count)` for every pair of different classes confused at least `min_val` times, most first."
         cm = self.confusion_matrix()
-        pairs = [(self.vocab[i], self.vocab[j], int(cm[i, j])) for i in range(self.n_classes)
+        pairs = [(self.vocab[i], self.vocab[j], int(cm[i, j])) for i in range(self.n_classes)  # sync-ok: a numpy array
                  for j in range(self.n_classes) if i != j and cm[i, j] >= min_val]
         return sorted(pairs, key=lambda p: -p[2])
 
@@ -89,7 +90,8 @@ class ClassificationInterpretation:
         losses, idx = self.top_losses(k, largest)
         images = self._images(self.inputs[idx])
         titles = [f"{self.vocab[self.preds[i]]} / {self.vocab[self.targs[i]]}\n"
-                  f"{losses[n].item():.2f} / {self.probs[i, self.targs[i]].item():.2f}" for n, i in enumerate(idx.tolist())]
+                  f"{losses[n].item():.2f} / {self.probs[i, self.targs[i]].item():.2f}"  # sync-ok: CPU tensors, a plot
+                  for n, i in enumerate(idx.tolist())]  # sync-ok: CPU tensor, a plot
         return show_images(images, titles, max_n=len(titles), figsize=figsize)
 
     def _images(self, x):

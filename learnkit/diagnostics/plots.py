@@ -44,7 +44,7 @@ def plot_color_dim(hist, hist_range, title=None, figsize=(10, 5), ax=None):
     fig, ax = fig_ax(ax, figsize)
     lo, hi = hist_range
     n_batches = hist.shape[1]
-    ax.imshow(hist.numpy(), origin='lower', aspect='auto', interpolation='nearest',
+    ax.imshow(hist.numpy(), origin='lower', aspect='auto', interpolation='nearest',  # sync-ok: a CPU tensor, a plot
               extent=(0, n_batches, lo, hi))
     ax.set_xlabel('batch'); ax.set_ylabel('activation')
     if title: ax.set_title(title)
