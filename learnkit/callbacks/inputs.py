@@ -65,8 +65,9 @@ class InputStats(StatsCallback):
                                       "not a floating-point tensor")
             return
         self.kind = 'float'
-        flat = x.detach().reshape(-1)
-        if flat.dtype != torch.float32: flat = flat.float()
+        if x.requires_grad: x = x.detach()  # (out= refuses a tensor in the graph; inputs rarely are)
+        flat = x.view(-1) if x.is_contiguous() else x.reshape(-1)
+        if flat.dtype is not torch.float32: flat = flat.float()
         b = self._staged
         torch.aminmax(flat, out=self._minmax_rows[b])
         torch.index_select(flat, 0, self._positions_for(flat.numel()), out=self._sample_rows[b])
@@ -75,9 +76,11 @@ class InputStats(StatsCallback):
         if self._staged == _STAGE: self.flush()
 
     def _positions_for(self, n):
-        if n not in self._positions:
-            self._positions[n] = torch.randint(n, (self.sample,), device=self._samples.device, generator=self._gen)
-        return self._positions[n]
+        positions = self._positions.get(n)
+        if positions is None:
+            positions = self._positions[n] = torch.randint(n, (self.sample,), device=self._samples.device,
+                                                           generator=self._gen)
+        return positions
 
     def flush(self):
         "Summarise the staged batches into the records (a few ops for all of them)."

@@ -82,20 +82,34 @@ class OutputStats(StatsCallback):
             self.kind, self.n_classes = 'classifier', pred.shape[1]
             # Rows per epoch: training label counts, predicted counts, target counts, and [correct, 0, ...].
             self._counts = torch.zeros(4, self.n_classes, device=pred.device)
-            self._ones = torch.ones(0, device=pred.device)
+            self._train_labels, self._ones, self._ones_views = self._counts[0], torch.ones(0, device=pred.device), {}
         elif pred.shape[1] != self.n_classes: return None
-        if len(self._ones) < len(targ): self._ones = torch.ones(len(targ), device=pred.device)
+        if len(self._ones) < len(targ): self._ones, self._ones_views = torch.ones(len(targ), device=pred.device), {}
         return pred.detach(), targ
+
+    def _ones_for(self, n):
+        "n ones, a view made once per batch size (a view is an op too)."
+        ones = self._ones_views.get(n)
+        if ones is None: ones = self._ones_views[n] = self._ones[:n]
+        return ones
 
     def after_loss(self):
         if not self._in_fit: return  # validate() and get_preds() outside fit are not this run's epochs
+        learn = self.learn
+        if learn.training and self._probed >= self.probe_batches and self.n_classes is not None:
+            # The common training batch, once the classifier is known: one index_add_ of its labels.
+            targ = learn.yb[0] if learn.yb else None
+            if (type(targ) is torch.Tensor and targ.ndim == 1 and not targ.is_floating_point()
+                    and len(targ) <= len(self._ones)):
+                self._train_labels.index_add_(0, targ, self._ones_for(len(targ)))
+                return
         batch = self._classifier_batch()
         if batch is None: return
         pred, targ = batch
-        ones = self._ones[:len(targ)]
+        ones = self._ones_for(len(targ))
         counts = self._counts
         if self.learn.training:
-            counts[0].index_add_(0, targ, ones)
+            self._train_labels.index_add_(0, targ, ones)
             if self._probed < self.probe_batches: self._probe(pred)
         else:
             guess = pred.argmax(1)
@@ -159,4 +173,4 @@ class OutputStats(StatsCallback):
         self.kind, self.n_classes = state['kind'], state['n_classes']
         if self.n_classes is not None and device is not None:
             self._counts = torch.zeros(4, self.n_classes, device=device)
-            self._ones = torch.ones(0, device=device)
+            self._train_labels, self._ones, self._ones_views = self._counts[0], torch.ones(0, device=device), {}
