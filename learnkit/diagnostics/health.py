@@ -182,8 +182,8 @@ class RunData:
     def from_learner(cls, learn):
         data = cls()
         cbs = [cb for cb in learn.cbs if isinstance(cb, StatsCallback)]
-        raws = dict(zip(map(id, cbs), read_records(cbs)))
-        stats = lambda cb: cb.summarize(raws[id(cb)]) if id(cb) in raws else cb.stats
+        raws = dict(zip(map(id, cbs), read_records(cbs)))  # every recorder below, in one transfer
+        stats = lambda cb: cb.summarize(raws[id(cb)])
         rec = getattr(learn, 'recorder', None)
         if rec is not None and len(rec.lrs):
             recorded = stats(rec)
