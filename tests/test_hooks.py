@@ -457,6 +457,48 @@ def test_dead_units_are_counted_per_window(fmnist):
     assert (s['dead'][:, 3] == 1).all() and (s['dead'][:, 0] < 0.5).all()
 
 
+@pytest.mark.parametrize('variant', ['channels_last, two image sizes', 'bfloat16 autocast'])
+def test_dead_units_match_plain_hooks(fmnist, variant):
+    """Each window's dead fraction is what a plain forward hook reads (a channel is dead when its largest output over
+    the window's training batches is <= 0): with channels_last outputs and the image size changing inside a window
+    (two layouts summed into one window), and with bfloat16 outputs under autocast (the sums kept in bfloat16)."""
+    from learnkit.callbacks.mixed_precision import MixedPrecision
+
+    class Resize(Callback):  # every other training batch at 36 px
+        order = -40
+        def before_batch(self):
+            if self.learn.training and self.learn.iter % 2: self.learn.xb = (F.interpolate(self.learn.xb[0], size=36),)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    with torch.no_grad(): model[0].bias[:3], model[2].bias[::2] = -50., -3.  # some dead, some half dead channels
+    extra = [Resize()] if variant.startswith('channels_last') else [MixedPrecision(torch.bfloat16)]
+    if variant.startswith('channels_last'): model = model.to(memory_format=torch.channels_last)
+    maxima, windows, seen = {}, [], set()
+    def direct(module, inp, out):
+        if not module.training: return
+        seen.add((out.dtype, out.is_contiguous(), out.shape[-1]))
+        m = out.detach().float().amax((0, 2, 3))
+        maxima[module] = torch.maximum(maxima[module], m) if module in maxima else m
+    class CloseWindows(Callback):  # the plain reading's windows, of 4 training batches like GradientStats'
+        order = 90
+        def after_batch(self):
+            if self.learn.training and (self.learn.iter % 4 == 3 or self.learn.iter == self.learn.n_iter - 1):
+                windows.append([(maxima[r] <= 0).float().mean().item() for r in (model[1], model[3])])
+                maxima.clear()
+    handles = [model[i].register_forward_hook(direct) for i in (1, 3)]
+    grads = GradientStats(dead_window=4)
+    try: make_learner(fmnist, [grads, CloseWindows(), *extra], model=model).fit(1, 1e-3)
+    finally:
+        for h in handles: h.remove()
+    if variant.startswith('channels_last'): assert {(s[1], s[2]) for s in seen} == {(False, 14), (False, 7), (False, 18), (False, 9)}
+    else: assert {s[0] for s in seen} == {torch.bfloat16}
+    dead = grads.stats['dead']
+    assert dead.tolist() == windows and len(windows) == 3
+    assert dead[:, 0].min() >= 3 / 8 and 0 < dead[:, 1].max() < 1  # the test's dead channels are there
+
+
 def test_gradient_stats_skip_steps_another_callback_cancelled(fmnist):
     "A step skipped before GradientStats sees it (as MixedPrecision does on an fp16 overflow) is not recorded."
     class SkipOddSteps(Callback):
