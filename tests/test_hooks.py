@@ -169,6 +169,29 @@ def test_activation_stats_match_direct_computation(fmnist, kw):
     assert s['saturated'].isnan().all() and stats.bounds == [None] * 5  # no bounded layer
 
 
+def test_outputs_read_whole_keep_exact_moments_when_their_size_changes(fmnist):
+    """The last conv's output (10 values per image) is read whole; a smaller batch in the middle of each epoch changes
+    its size inside a block of staged batches, and back: every batch's mean and std stay those of its whole output,
+    and near_zero its share."""
+    class SmallBatch(Callback):  # training batch 4 of each epoch keeps 24 of its 64 images
+        order = -40
+        def before_batch(self):
+            if self.learn.training and self.learn.iter == 4:
+                self.learn.xb, self.learn.yb = (self.learn.xb[0][:24],), (self.learn.yb[0][:24],)
+    model = simple_cnn()
+    last = default_modules(model)[-1]
+    capture = Capture([last])
+    stats = ActivationStats(with_hist=True)
+    make_learner(fmnist, [stats, capture, SmallBatch()], model=model).fit(2, 0.01)
+    s = stats.stats
+    outs = [batch[0] for batch in capture.outputs]
+    assert [o.numel() for o in outs] == ([640] * 4 + [240] + [640] * 5) * 2 and len(s['mean']) == 20
+    for b, o in enumerate(outs):
+        assert s['mean'][b, -1] == pytest.approx(o.double().mean().item(), rel=1e-5, abs=1e-7)
+        assert s['std'][b, -1] == pytest.approx(o.double().std().item(), rel=1e-5)
+        assert s['near_zero'][b, -1] == pytest.approx((o <= 0.05).float().mean().item(), abs=1e-6)
+
+
 class Offset(nn.Module):
     "Standardises its input, then adds `mean`: outputs of std 1 and mean `mean`."
     def __init__(self, mean): super().__init__(); self.mean = mean

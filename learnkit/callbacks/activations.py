@@ -316,6 +316,9 @@ class ActivationStats(HookCallback, StatsCallback):
     # ---- sizes and buffers: on the first batch, and when an output's size changes (a smaller last batch) ----
     def _new_size(self, i, n):
         "Layer i's output now has n elements: its counts, sample positions, and its views into the staging buffers."
+        # Finish the whole batches staged with the old size first: every block of batches finished together then
+        # has one size per layer, so the unused tail of each layer's slot is known on the host (see _sample_moments).
+        if self._layer_reads[i] is not None: self.flush()
         sampled = self.sample is not None and n > self.sample
         if not sampled and n > self._sample_len: self._new_buffers(n)  # sample=None: slots fit every output
         summed = self.exact and sampled
@@ -363,7 +366,6 @@ class ActivationStats(HookCallback, StatsCallback):
             self._staged_samples[0, :, :old[1].shape[-1]].copy_(old[1])
         self._compare_buffer = torch.empty_like(self._staged_samples)
         self._moment_buffer = torch.empty(depth, n_layers, k, dtype=torch.float64, device=dev)
-        self._slot_positions = torch.arange(k, device=dev, dtype=torch.float32)
         if self.with_hist:
             lo, hi = self.hist_range
             # Batch b, layer i has the bins [(b*layers + i)*(bins+2), ...): an underflow bin, `bins` bins, an
@@ -402,12 +404,17 @@ class ActivationStats(HookCallback, StatsCallback):
 
     def _sample_moments(self, samples, counts):
         """(m, layers, 2): the mean and variance of every staged sample, in float64 and two passes (exact up to
-        float64 rounding). Slot positions past a sample's count are unused; NaN at a used position propagates."""
-        unused = torch.ge(self._slot_positions, counts.unsqueeze(-1))
-        x = self._moment_buffer[:len(samples)].copy_(samples).masked_fill_(unused, 0.)
+        float64 rounding). A layer read whole whose output is smaller than its slot leaves the slot's tail unused
+        (NaN there); the tails are the same in every batch of the block (a size change finishes the batches before
+        it), so they are zeroed by slicing. NaN at a used position propagates."""
+        tails = [(i, read.numel) for i, read in enumerate(self._layer_reads)
+                 if read is not None and read.positions is None and read.numel < self._sample_len]
+        x = self._moment_buffer[:len(samples)].copy_(samples)
+        for i, used in tails: x[:, i, used:].zero_()
         n = counts.double().clamp(min=1)
         mean = x.sum(-1).div_(n)
-        x.sub_(mean.unsqueeze(-1)).masked_fill_(unused, 0.)
+        x.sub_(mean.unsqueeze(-1))
+        for i, used in tails: x[:, i, used:].zero_()
         var = torch.linalg.vecdot(x, x).div_((n - 1).clamp(min=1))
         return torch.stack([mean, var], -1)
 
