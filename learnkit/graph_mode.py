@@ -60,7 +60,7 @@ from .torch_core import listify
 __all__ = ['GraphMode', 'GraphStep', 'graph_unsafe', 'with_graph_mode']
 
 WARMUP_STEPS = 3  # torch's recipe: a few eager steps on a side stream before capture
-_STEP_HOOKS = ('graph_after_loss', 'graph_before_step', 'graph_after_step')
+_STEP_HOOKS = ('graph_before_forward', 'graph_after_loss', 'graph_before_step', 'graph_after_step')
 
 
 def graph_unsafe(cbs):
@@ -139,7 +139,7 @@ class GraphStep:
         self.n_iter = len(dl)
         self.n_steps = self.n_iter * learn.n_epoch
         self.xb = self.yb = self.pred = self.loss = None
-        self.skipped, self._last_step, self._buffers = 0, None, []
+        self.skipped, self._last_step, self._buffers, self._saved = 0, None, [], None
         self._run = self._graph = self._feeder = None
         self._adam = self._hypers = None
         self.step = self.buffer(torch.zeros((), dtype=torch.int64, device=self.device))
@@ -158,8 +158,11 @@ class GraphStep:
             raise
 
     def buffer(self, t):
-        "Register `t`, a device tensor the step changes, so that warm-up leaves it as it found it; returns `t`."
+        """Register `t`, a device tensor the step changes, so that warm-up leaves it as it found it; returns `t`.
+        A buffer sized by the first forward pass may be registered inside the first warm-up step: it is put back to
+        its value at registration."""
         self._buffers.append(t)
+        if self._saved is not None: self._saved.append((t, t.detach().clone()))
         return t
 
     def hyper_values(self, name, start, stop):
@@ -206,6 +209,8 @@ class GraphStep:
         self._hypers.load(self.step)
         xb, yb = self._feeder.batch(self.batch)
         if learn.memory_format is not None and xb.ndim == 4: xb = xb.contiguous(memory_format=learn.memory_format)
+        self.xb, self.yb = xb, yb
+        for hook in self._hooks['graph_before_forward']: hook(self)
         pred = learn.model(xb)
         if not learn._outputs_checked:  # the Learner's once-per-run check of n_out against the classes: host only
             learn.pred = pred
@@ -238,13 +243,14 @@ class GraphStep:
     def _warm_up(self):
         """A few runs of this first step, each followed by putting back everything it changed (so the counters stay
         within the tables, and the fit starts as it would have)."""
-        state = self._state()
-        saved = [t.detach().clone() for t in state]
-        for _ in range(WARMUP_STEPS):
-            self._step()
-            self.learn.opt.zero_grad()
-            with torch.no_grad():
-                for t, s in zip(state, saved): t.copy_(s)
+        self._saved = [(t, t.detach().clone()) for t in self._state()]
+        try:
+            for _ in range(WARMUP_STEPS):
+                self._step()
+                self.learn.opt.zero_grad()
+                with torch.no_grad():
+                    for t, s in self._saved: t.copy_(s)
+        finally: self._saved = None
 
     def _state(self):
         "Every tensor a step changes: weights, buffers (BatchNorm statistics), optimizer state, callback buffers."
