@@ -147,12 +147,14 @@ class GraphStep:
         cbs = sorted((cb for cb in learn.cbs if cb.run and cb.run_train), key=lambda c: c.order)
         self._hooks = {name: [getattr(cb, name) for cb in cbs if hasattr(cb, name)] for name in _STEP_HOOKS}
         self._epoch_end = [cb for cb in cbs if hasattr(cb, 'graph_epoch_end')]
-        self._adam = GraphAdam(learn.opt)
         try:
-            self._hypers = _HyperTables(learn.opt, [cb for cb in cbs if hasattr(cb, 'graph_hypers')], self.n_steps,
-                                        self.device)
+            # The callbacks first: one that refuses an option (ActivationStats(exact=True)) leaves the optimizer as
+            # it was, without the state GraphAdam creates up front.
             for cb in cbs:
                 if hasattr(cb, 'graph_setup'): cb.graph_setup(self)
+            self._adam = GraphAdam(learn.opt)
+            self._hypers = _HyperTables(learn.opt, [cb for cb in cbs if hasattr(cb, 'graph_hypers')], self.n_steps,
+                                        self.device)
         except BaseException:
             self.close()  # the optimizer as it was
             raise
