@@ -24,20 +24,29 @@ The callback contract. A callback that handles a training batch event (`before_b
 declare `graph_safe = True`, or fit(graph=True) refuses it with a ValueError naming it: its per-batch host work
 would not run. In graph mode a graph-safe callback's training batch events are not called; what it does per batch
 it does through these optional methods, all called in `order`:
-- `graph_setup(graph)`: host, once per fit before the first step: allocate its buffers through `graph.buffer(t)`
-  (`graph.n_steps` rows: one per training step of the fit; `graph.n_iter` per epoch).
-- `graph_after_loss(graph)`, `graph_before_step(graph)` (after backward), `graph_after_step(graph)`: inside the
-  step. Device ops only, on tensors that live across steps (its buffers; `graph.step`, the step's row in the fit, and
-  `graph.batch`, its row in the epoch, both 0-d int64 device tensors; `graph.xb`, `graph.yb`, `graph.pred`,
-  `graph.loss`; the parameters and their `.grad`). On CUDA these run once, at capture: Python state they change does
-  not change again at replays, and a host read fails the capture.
+- `graph_setup(graph)`: host, once per fit before the first step (and before the optimizer is prepared, so an
+  option it refuses leaves the learner as it was): allocate its buffers through `graph.buffer(t)` (`graph.n_steps`
+  rows: one per training step of the fit; `graph.n_iter` per epoch). A buffer whose size only the first forward
+  pass tells may be made and registered inside that first (warm-up) step: warm-up puts it back as it was made.
+- `graph_before_forward(graph)` (the batch is in `graph.xb`, `graph.yb`), `graph_after_loss(graph)`,
+  `graph_before_step(graph)` (after backward), `graph_after_step(graph)`: inside the step. Device ops only, on
+  tensors that live across steps (its buffers; `graph.step`, the step's row in the fit, and `graph.batch`, its row
+  in the epoch, both 0-d int64 device tensors; `graph.xb`, `graph.yb`, `graph.pred`, `graph.loss`; the parameters
+  and their `.grad`). On CUDA these run once, at capture: Python state they change does not change again at
+  replays, and a host read fails the capture.
 - `graph_epoch_end(graph, start, stop)`: host, after each epoch's steps: rows `start:stop` are this epoch's.
 - `graph_hypers(positions)`: host, once per fit: `{hyper: [value at each position]}` for hyper-parameters that change
   during the fit (ParamScheduler), `positions` being `pct_train` of every step of the fit.
-Forward hooks on the model run inside the captured forward pass and follow the same rules.
-TrainEval, Recorder, ProgressCallback and ParamScheduler are graph-safe; a callback with only epoch-level events
-needs nothing. Not yet graph-safe: ActivationStats, GradientStats and the other recorders of the health report,
-MixedPrecision, LRFinder, DDP.
+Forward hooks on the model run inside the captured forward pass and follow the same rules: a per-batch choice (a
+row to write, a set of sample positions) must come from a device tensor, e.g. a table indexed by `graph.step`.
+A callback that records only some steps (`every=N`) still runs its device work at every step (a replayed graph runs
+all its ops); its `graph_epoch_end` keeps the rows of the recorded steps.
+TrainEval, Recorder, ProgressCallback and ParamScheduler are graph-safe, and so is every callback of `health_cbs()`:
+ActivationStats (not with `exact=True`, `sample=None` or `batched=True`, which it refuses by name), GradientStats,
+InputStats, OutputStats, WeightStats (epoch-level) and HealthMonitor (which checks at epoch ends only in graph mode,
+and warns once when `check_every` asked for more). A callback with only epoch-level events needs nothing. Not
+graph-safe, and refused by name: MixedPrecision, GradientAccumulation, GradientNoiseScale, BatchSizeScheduler,
+LRFinder, DDP (DistributedCallback), SaveModelCallback and TerminateOnNaNCallback.
 
 Warm-up and capture. At the first training step of each fit, a few warm-up steps run on that batch, then everything
 they changed (weights, BatchNorm statistics, optimizer state, the callbacks' registered buffers, the counters) is put

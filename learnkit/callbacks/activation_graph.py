@@ -1,4 +1,4 @@
-"""ActivationStats in graph mode (`fit(..., graph=True)`, see learnkit.graph_mode): the hooks run inside the captured step.
+"""ActivationStats in graph mode (`fit(..., graph=True)`; see learnkit.graph_mode): its hooks run inside the step.
 
 On CUDA the forward hooks run once, at capture, and the graph replays the ops they launched. So nothing a hook
 decides in Python may vary from batch to batch: where a sample goes and which positions it takes must come from
@@ -44,9 +44,9 @@ class GraphActivations:
     def _check_graph_options(self):
         name = type(self).__name__
         if self.exact:
-            raise ValueError(f"fit(graph=True) cannot run {name}(exact=True): its exact sums are shifted by a per-layer "
-                             "reference that moves on the host. Use exact=False (statistics of the sample) or fit "
-                             "without graph=True.")
+            raise ValueError(f"fit(graph=True) cannot run {name}(exact=True): its exact sums are shifted by a "
+                             "per-layer reference that moves on the host. Use exact=False (statistics of the sample) "
+                             "or fit without graph=True.")
         if self.sample is None:
             raise ValueError(f"fit(graph=True) cannot run {name}(sample=None): graph mode stages an epoch of samples, "
                              "which would be every element of every output. Pass a sample size (the default 2048).")

@@ -1,4 +1,4 @@
-"""GradientStats in graph mode (`fit(..., graph=True)`, see learnkit.graph_mode): its per-step work inside the captured step.
+"""GradientStats in graph mode (`fit(..., graph=True)`; see learnkit.graph_mode): its per-step work inside the step.
 
 - Norms: `graph_before_step` and `graph_after_step` run the same multi-tensor ops as the eager path (the gradient and
   weight norms, the snapshot, the update and its norms) and write each step's norms at row `graph.batch` of a
