@@ -24,20 +24,29 @@ The callback contract. A callback that handles a training batch event (`before_b
 declare `graph_safe = True`, or fit(graph=True) refuses it with a ValueError naming it: its per-batch host work
 would not run. In graph mode a graph-safe callback's training batch events are not called; what it does per batch
 it does through these optional methods, all called in `order`:
-- `graph_setup(graph)`: host, once per fit before the first step: allocate its buffers through `graph.buffer(t)`
-  (`graph.n_steps` rows: one per training step of the fit; `graph.n_iter` per epoch).
-- `graph_after_loss(graph)`, `graph_before_step(graph)` (after backward), `graph_after_step(graph)`: inside the
-  step. Device ops only, on tensors that live across steps (its buffers; `graph.step`, the step's row in the fit, and
-  `graph.batch`, its row in the epoch, both 0-d int64 device tensors; `graph.xb`, `graph.yb`, `graph.pred`,
-  `graph.loss`; the parameters and their `.grad`). On CUDA these run once, at capture: Python state they change does
-  not change again at replays, and a host read fails the capture.
+- `graph_setup(graph)`: host, once per fit before the first step (and before the optimizer is prepared, so an
+  option it refuses leaves the learner as it was): allocate its buffers through `graph.buffer(t)` (`graph.n_steps`
+  rows: one per training step of the fit; `graph.n_iter` per epoch). A buffer whose size only the first forward
+  pass tells may be made and registered inside that first (warm-up) step: warm-up puts it back as it was made.
+- `graph_before_forward(graph)` (the batch is in `graph.xb`, `graph.yb`), `graph_after_loss(graph)`,
+  `graph_before_step(graph)` (after backward), `graph_after_step(graph)`: inside the step. Device ops only, on
+  tensors that live across steps (its buffers; `graph.step`, the step's row in the fit, and `graph.batch`, its row
+  in the epoch, both 0-d int64 device tensors; `graph.xb`, `graph.yb`, `graph.pred`, `graph.loss`; the parameters
+  and their `.grad`). On CUDA these run once, at capture: Python state they change does not change again at
+  replays, and a host read fails the capture.
 - `graph_epoch_end(graph, start, stop)`: host, after each epoch's steps: rows `start:stop` are this epoch's.
 - `graph_hypers(positions)`: host, once per fit: `{hyper: [value at each position]}` for hyper-parameters that change
   during the fit (ParamScheduler), `positions` being `pct_train` of every step of the fit.
-Forward hooks on the model run inside the captured forward pass and follow the same rules.
-TrainEval, Recorder, ProgressCallback and ParamScheduler are graph-safe; a callback with only epoch-level events
-needs nothing. Not yet graph-safe: ActivationStats, GradientStats and the other recorders of the health report,
-MixedPrecision, LRFinder, DDP.
+Forward hooks on the model run inside the captured forward pass and follow the same rules: a per-batch choice (a
+row to write, a set of sample positions) must come from a device tensor, e.g. a table indexed by `graph.step`.
+A callback that records only some steps (`every=N`) still runs its device work at every step (a replayed graph runs
+all its ops); its `graph_epoch_end` keeps the rows of the recorded steps.
+TrainEval, Recorder, ProgressCallback and ParamScheduler are graph-safe, and so is every callback of `health_cbs()`:
+ActivationStats (not with `exact=True`, `sample=None` or `batched=True`, which it refuses by name), GradientStats,
+InputStats, OutputStats, WeightStats (epoch-level) and HealthMonitor (which checks at epoch ends only in graph mode,
+and warns once when `check_every` asked for more). A callback with only epoch-level events needs nothing. Not
+graph-safe, and refused by name: MixedPrecision, GradientAccumulation, GradientNoiseScale, BatchSizeScheduler,
+LRFinder, DDP (DistributedCallback), SaveModelCallback and TerminateOnNaNCallback.
 
 Warm-up and capture. At the first training step of each fit, a few warm-up steps run on that batch, then everything
 they changed (weights, BatchNorm statistics, optimizer state, the callbacks' registered buffers, the counters) is put
@@ -60,7 +69,7 @@ from .torch_core import listify
 __all__ = ['GraphMode', 'GraphStep', 'graph_unsafe', 'with_graph_mode']
 
 WARMUP_STEPS = 3  # torch's recipe: a few eager steps on a side stream before capture
-_STEP_HOOKS = ('graph_after_loss', 'graph_before_step', 'graph_after_step')
+_STEP_HOOKS = ('graph_before_forward', 'graph_after_loss', 'graph_before_step', 'graph_after_step')
 
 
 def graph_unsafe(cbs):
@@ -139,7 +148,7 @@ class GraphStep:
         self.n_iter = len(dl)
         self.n_steps = self.n_iter * learn.n_epoch
         self.xb = self.yb = self.pred = self.loss = None
-        self.skipped, self._last_step, self._buffers = 0, None, []
+        self.skipped, self._last_step, self._buffers, self._saved = 0, None, [], None
         self._run = self._graph = self._feeder = None
         self._adam = self._hypers = None
         self.step = self.buffer(torch.zeros((), dtype=torch.int64, device=self.device))
@@ -147,19 +156,24 @@ class GraphStep:
         cbs = sorted((cb for cb in learn.cbs if cb.run and cb.run_train), key=lambda c: c.order)
         self._hooks = {name: [getattr(cb, name) for cb in cbs if hasattr(cb, name)] for name in _STEP_HOOKS}
         self._epoch_end = [cb for cb in cbs if hasattr(cb, 'graph_epoch_end')]
-        self._adam = GraphAdam(learn.opt)
         try:
-            self._hypers = _HyperTables(learn.opt, [cb for cb in cbs if hasattr(cb, 'graph_hypers')], self.n_steps,
-                                        self.device)
+            # The callbacks first: one that refuses an option (ActivationStats(exact=True)) leaves the optimizer as
+            # it was, without the state GraphAdam creates up front.
             for cb in cbs:
                 if hasattr(cb, 'graph_setup'): cb.graph_setup(self)
+            self._adam = GraphAdam(learn.opt)
+            self._hypers = _HyperTables(learn.opt, [cb for cb in cbs if hasattr(cb, 'graph_hypers')], self.n_steps,
+                                        self.device)
         except BaseException:
             self.close()  # the optimizer as it was
             raise
 
     def buffer(self, t):
-        "Register `t`, a device tensor the step changes, so that warm-up leaves it as it found it; returns `t`."
+        """Register `t`, a device tensor the step changes, so that warm-up leaves it as it found it; returns `t`.
+        A buffer sized by the first forward pass may be registered inside the first warm-up step: it is put back to
+        its value at registration."""
         self._buffers.append(t)
+        if self._saved is not None: self._saved.append((t, t.detach().clone()))
         return t
 
     def hyper_values(self, name, start, stop):
@@ -206,6 +220,8 @@ class GraphStep:
         self._hypers.load(self.step)
         xb, yb = self._feeder.batch(self.batch)
         if learn.memory_format is not None and xb.ndim == 4: xb = xb.contiguous(memory_format=learn.memory_format)
+        self.xb, self.yb = xb, yb
+        for hook in self._hooks['graph_before_forward']: hook(self)
         pred = learn.model(xb)
         if not learn._outputs_checked:  # the Learner's once-per-run check of n_out against the classes: host only
             learn.pred = pred
@@ -238,13 +254,14 @@ class GraphStep:
     def _warm_up(self):
         """A few runs of this first step, each followed by putting back everything it changed (so the counters stay
         within the tables, and the fit starts as it would have)."""
-        state = self._state()
-        saved = [t.detach().clone() for t in state]
-        for _ in range(WARMUP_STEPS):
-            self._step()
-            self.learn.opt.zero_grad()
-            with torch.no_grad():
-                for t, s in zip(state, saved): t.copy_(s)
+        self._saved = [(t, t.detach().clone()) for t in self._state()]
+        try:
+            for _ in range(WARMUP_STEPS):
+                self._step()
+                self.learn.opt.zero_grad()
+                with torch.no_grad():
+                    for t, s in self._saved: t.copy_(s)
+        finally: self._saved = None
 
     def _state(self):
         "Every tensor a step changes: weights, buffers (BatchNorm statistics), optimizer state, callback buffers."

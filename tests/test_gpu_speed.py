@@ -327,3 +327,26 @@ def test_the_captured_step_trains_as_the_same_step_run_eagerly_and_as_fit(fmnist
     for a, b in zip(runs['captured'][0], runs['eager step'][0]): torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(runs['captured'][1], runs['eager step'][1], rtol=1e-5, atol=1e-6)
     for a, b in zip(runs['captured'][0], runs['fit'][0]): torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+@cuda
+def test_captured_statistics_callbacks_record_what_the_same_step_run_eagerly_records(fmnist):
+    """The statistics callbacks inside the captured step: their hooks ran once, at capture, so every per-batch choice
+    (the staging row, the sample positions, the dead-unit window) must come from the device. Replayed, they record
+    what the same step run eagerly records (GraphMode(capture=False), where the Python runs at every step), without a
+    sync inside the training phase."""
+    from learnkit.callbacks.stats import StatsCallback, read_records
+    records = {}
+    for capture in (False, True):
+        torch.manual_seed(0)
+        learn = cuda_learner(fmnist, n=2048, cbs=health_cbs(check_every=None, grad_every=2))
+        with learn.no_bar(), learn.no_logging(), torch.backends.cudnn.flags(enabled=True, benchmark=False,
+                                                                             deterministic=True):
+            learn.fit(2, 1e-3, cbs=[GraphMode(capture=capture)] + ([TrainingSyncCheck()] if capture else []))
+        stats = [cb for cb in learn.cbs if isinstance(cb, StatsCallback)]
+        records[capture] = ([getattr(cb, 'iters', None) for cb in stats], read_records(stats))
+        assert learn.activation_stats.iters == list(range(16)), "every step of both epochs"
+    assert records[True][0] == records[False][0]
+    for got, want in zip(records[True][1], records[False][1]):
+        assert got.keys() == want.keys()
+        for key in want: torch.testing.assert_close(got[key], want[key], rtol=1e-3, atol=1e-3, equal_nan=True)

@@ -11,6 +11,12 @@ from torch import nn
 from conftest import torch_dls
 from learnkit import SGD, Callback, Learner, accuracy
 from learnkit.callbacks.activations import ActivationStats
+from learnkit.callbacks.gradients import GradientStats
+from learnkit.callbacks.inputs import InputStats
+from learnkit.callbacks.monitor import health_cbs
+from learnkit.callbacks.outputs import OutputStats
+from learnkit.callbacks.stats import StatsCallback, read_records
+from learnkit.callbacks.weights import WeightStats
 from learnkit.data import DataLoaders, Normalize, TfmdDL
 from learnkit.data.sources import TensorSource
 from learnkit.models import simple_cnn
@@ -98,10 +104,14 @@ def test_callbacks_with_per_batch_host_work_are_refused_by_name_and_the_learner_
                     device='cpu')
     acts, epochs = ActivationStats(), CountsEpochs()
     before = [p.detach().clone() for p in learn.model.parameters()]
-    with pytest.raises(ValueError, match=r'ActivationStats \(learn.activation_stats: after_batch, after_pred, '
-                                         r'before_batch\), CountsBatches.*graph_safe.*without graph=True'):
+    with pytest.raises(ValueError, match=r'cannot run CountsBatches \(learn.counts_batches: after_batch\): .*'
+                                         r'graph_safe.*without graph=True') as refused:
         trained(None, learn=learn, cbs=[acts, CountsBatches(), epochs], graph=True)
+    assert 'ActivationStats' not in str(refused.value), "a graph-safe callback is not named"
     assert all(torch.equal(a, b) for a, b in zip(before, learn.model.parameters())), "no step was taken"
+    assert acts.hooks is None and learn.opt.opt.state == {}
+    with pytest.raises(ValueError, match=r'cannot run ActivationStats\(exact=True\).*exact=False'):
+        trained(None, learn=learn, cbs=[acts := ActivationStats(exact=True)], graph=True)
     assert acts.hooks is None and learn.opt.opt.state == {}
     trained(None, learn=learn, cbs=[acts, epochs], fit='fit', n_epoch=1)  # an ordinary fit still works
     trained(None, learn=learn, cbs=epochs, graph=True)                    # epoch-level callbacks run in graph mode
@@ -114,3 +124,59 @@ def test_graph_mode_refuses_what_it_cannot_capture(fmnist):
     bf16 = Learner(torch_dls(fmnist, 128, 64), simple_cnn(), loss_func=nn.CrossEntropyLoss(), device='cpu').to_bf16()
     with pytest.raises(ValueError, match=r'cannot run MixedPrecision'): trained(None, learn=bf16, graph=True)
     with pytest.raises(TypeError, match='True or False'): trained(None, learn=bf16, graph='yes')
+
+
+def small_dls(fm): return cached_dls(fm, n_valid=32)  # 5 training steps an epoch
+
+
+def assert_same_records(graph_cbs, eager_cbs):
+    "Every statistics callback's raw records and the training batches they belong to, graph mode against eager."
+    for got, want in zip(graph_cbs, eager_cbs):
+        name = type(got).__name__
+        for attr in ('iters', 'probe_iters', 'dead_iters'):
+            assert getattr(got, attr, None) == getattr(want, attr, None), f"{name}.{attr}"
+        (got_raw,), (want_raw,) = read_records([got]), read_records([want])
+        assert got_raw.keys() == want_raw.keys(), name
+        for key, w in want_raw.items():
+            # The ReLU window sums add thousands of outputs: float32 rounding in another order.
+            torch.testing.assert_close(got_raw[key], w, rtol=1e-4, atol=1e-4, equal_nan=True, msg=f"{name} {key}")
+
+
+def statistics_cbs():
+    """Every recorder with `every` where it has one; GradientStats' dead-unit windows of 2 recorded steps (0 and 2,
+    4 and 6: the second spans the two epochs of 5 steps, 8 alone: closed at the end of the fit)."""
+    return [InputStats(every=3), OutputStats(probe_batches=2), ActivationStats(with_hist=True, every=2),
+            GradientStats(every=2, dead_window=2), WeightStats()]
+
+
+def test_statistics_callbacks_record_in_graph_mode_what_an_ordinary_fit_records(fmnist):
+    """The hooks and step methods write at device-side rows inside the step; the epoch's recorded rows are finished
+    at its end: the same rows (samples at the same positions, histograms, windows) for the same batches."""
+    eager = trained(small_dls(fmnist), fit='fit', lr=1e-2, cbs=(eager_cbs := statistics_cbs()))
+    graph = trained(small_dls(fmnist), fit='fit', lr=1e-2, cbs=(graph_cbs := statistics_cbs()), graph=True)
+    assert_same_training(graph, eager)
+    assert_same_records(graph_cbs, eager_cbs)
+    acts, grads = graph_cbs[2], graph_cbs[3]
+    assert acts.iters == [0, 2, 4, 6, 8] and graph_cbs[0].iters == [0, 3, 6, 9] and grads.dead_iters == [2, 6, 8]
+    assert acts.stats['hist'].sum() > 0 and torch.isfinite(acts.stats['std']).all()
+    assert graph_cbs[1].probe_iters == [0, 1, 5, 6]
+
+
+def test_health_callbacks_in_graph_mode_give_the_same_diagnosis(fmnist):
+    "`Learner(..., cbs=health_cbs())` fits with graph=True; HealthMonitor warns that it checks at epoch ends only."
+    def learner():
+        torch.manual_seed(0)
+        return Learner(small_dls(fmnist), simple_cnn(bn=True), loss_func=nn.CrossEntropyLoss(), metrics=accuracy,
+                       device='cpu', cbs=health_cbs(grad_every=2))
+    eager = trained(None, learn=learner(), fit='fit', lr=1e-3)
+    with pytest.warns(UserWarning, match=r'HealthMonitor\(check_every=200\).*end of each epoch only'):
+        graph = trained(None, learn=learner(), fit='fit', lr=1e-3, graph=True)
+    assert_same_training(graph, eager)
+    assert_same_records([cb for cb in graph.cbs if isinstance(cb, StatsCallback)],
+                        [cb for cb in eager.cbs if isinstance(cb, StatsCallback)])
+    got, want = graph.diagnose(show=False), eager.diagnose(show=False)
+    assert want.findings and not want.skipped, "a run with findings, every check run"
+    assert [(f.key, f.severity, f.batches) for f in got.findings] == [(f.key, f.severity, f.batches)
+                                                                       for f in want.findings]
+    assert [f.value for f in got.findings] == pytest.approx([f.value for f in want.findings], rel=1e-3)
+    assert graph.health_monitor.report is not None, "checked at the epoch ends"

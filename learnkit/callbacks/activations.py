@@ -26,6 +26,7 @@ from torch import nn
 
 from ..records import TensorLog
 from .activation_batch import BatchedReads, warn_changed_in_place
+from .activation_graph import GraphActivations
 from .collectives import all_reduce_sum
 from .hooks import HookCallback, default_modules, layer_index, without_grad
 from .stats import StatsCallback
@@ -68,7 +69,7 @@ class _LayerRead(NamedTuple):
     shifted: torch.Tensor | None  # exact sums: scratch for the output minus the layer's reference
 
 
-class ActivationStats(HookCallback, StatsCallback):
+class ActivationStats(GraphActivations, HookCallback, StatsCallback):
     """Records, for every training batch (or every `every`-th) and every hooked layer, the mean, the std and the
     fraction of activations <= 0.05 (`near_zero`) of its output, the fraction `saturated` of a bounded layer's
     outputs, and with `with_hist=True` a histogram of `bins` bins over `hist_range`: fastai's (0, 10) by default;
@@ -123,6 +124,10 @@ class ActivationStats(HookCallback, StatsCallback):
     arithmetic, not launches). Outputs that a later op changes in place (ReLU(inplace=True), a ResNet's `+=`)
     are found on the first batch and read per layer; one found changed later is warned about, recorded as
     missing for that batch, and read per layer from then on. With `sample=None` outputs are read per layer.
+
+    In graph mode (`fit(..., graph=True)`) the hooks write each layer's sample at a device-side row of a staging
+    buffer and the epoch's rows are finished at its end: the same records as an ordinary fit (see
+    activation_graph.py; `exact=True`, `sample=None` and `batched=True` are refused there).
     """
     record_schema = {
         'mean': "mean of the output: of its sample, or with exact=True of every element when larger than the sample",
@@ -485,6 +490,7 @@ class ActivationStats(HookCallback, StatsCallback):
         self._held_outputs = [None] * len(self._layer_reads)
         self._read_after_forward = [False] * len(self._layer_reads)
         self._staged = self._finished = 0
+        self._free_graph()
 
     # ---- the statistics protocol (see stats.py); checkpoints keep the records, and a resumed fit continues them
     def device_records(self):

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..records import TensorLog
 from .collectives import all_reduce_max
+from .gradient_graph import GraphGradients
 from .hooks import Hooks, default_modules, module_names, without_grad
 from .stats import StatsCallback
 
@@ -35,7 +36,7 @@ _STATE_VERSION = 3
 _STAGE = 16  # steps staged before they are appended to the records
 
 
-class GradientStats(StatsCallback):
+class GradientStats(GraphGradients, StatsCallback):
     """Records, for every training step (or every `every`-th) and every layer with parameters:
     - `grad_norm`: the L2 norm of the layer's gradients (all its parameters together), read just before
       the optimizer step (after any clipping done by callbacks with a lower `order`);
@@ -51,6 +52,9 @@ class GradientStats(StatsCallback):
     its gradient's norm, its norm and its update's norm; combined per layer when read), plus one per ReLU channel
     per window. Read them with `stats`, `plot_grad_norms()`, `plot_update_ratios()`, `plot_dead_units()` or
     `plot_all()`.
+
+    In graph mode (`fit(..., graph=True)`) the same records are made inside the captured step, at device-side rows,
+    and the epoch's rows join the records at its end (see gradient_graph.py).
     """
     order = 80  # after callbacks that clip or unscale gradients in before_step
     record_schema = {'norms': "per step and parameter tensor: the L2 norms of its gradient before the step, of its "
@@ -281,6 +285,7 @@ class GradientStats(StatsCallback):
     def _remove(self):
         self._active, self._prev = False, []  # the snapshot is as large as the model: free it between fits
         self._ones_rows = {}
+        self._free_graph()
         if self._relu_hooks is not None:
             self._relu_hooks.remove()
             self._relu_hooks = None
@@ -351,11 +356,17 @@ class _OpenWindow:
     def fold(self):
         "The per-channel sums so far, float32: the running rows are summed per channel into them and start again."
         for (_, _, channels_last), running in self.runnings.items():
-            per_channel = (running.view(-1, self.width).sum(0, dtype=torch.float32) if channels_last
-                           else running.view(self.width, -1).sum(1, dtype=torch.float32))
+            per_channel = per_channel_sums(running, self.width, channels_last)[0]
             self.folded = per_channel if self.folded is None else self.folded.add_(per_channel)
         self.runnings, self._last_key, self._last = {}, None, None
         return self.folded
+
+
+def per_channel_sums(running, width, channels_last):
+    "Running sums (rows, elements per image) of a ReLU's outputs of `width` channels as (rows, width) float32 sums."
+    rows = len(running)
+    return (running.view(rows, -1, width).sum(1, dtype=torch.float32) if channels_last
+            else running.view(rows, width, -1).sum(2, dtype=torch.float32))
 
 
 def _batch_rows(out):

@@ -28,6 +28,9 @@ class InputStats(StatsCallback):
     about std/sqrt(sample) and std/sqrt(2 sample), 3% and 2% of the std at the default 1024, far finer than what
     the checks ask (a mean or std off by a factor of several). Only the first input of a batch is read, and only
     when it is a floating-point tensor (token ids and other integer inputs are not recorded: `kind` says why).
+    In graph mode (`fit(..., graph=True)`) the same two ops run inside the captured step and write at a device-side
+    row; the epoch's rows are summarised at its end (with `every`, the device reads every batch and the epoch end
+    keeps the recorded ones: a replayed graph runs all its ops).
     """
     order = -15
     record_schema = {'mean': "mean of the batch's sampled input values", 'std': 'their standard deviation',
@@ -60,20 +63,59 @@ class InputStats(StatsCallback):
         self._active = learn.training and (self.every is None or learn.train_iter % self.every == 0)
         if not self._active: return
         x = learn.xb[0] if learn.xb else None
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            self.kind = self.kind or (f"the input is {type(x).__name__ if not isinstance(x, torch.Tensor) else x.dtype}, "
-                                      "not a floating-point tensor")
-            return
-        self.kind = 'float'
-        if x.requires_grad: x = x.detach()  # (out= refuses a tensor in the graph; inputs rarely are)
-        flat = x.view(-1) if x.is_contiguous() else x.reshape(-1)
-        if flat.dtype is not torch.float32: flat = flat.float()
+        if not self._is_recorded(x): return
+        flat = self._flat_input(x)
         b = self._staged
         torch.aminmax(flat, out=self._minmax_rows[b])
         torch.index_select(flat, 0, self._positions_for(flat.numel()), out=self._sample_rows[b])
         self.iters.append(learn.train_iter)
         self._staged += 1
         if self._staged == _STAGE: self.flush()
+
+    def _is_recorded(self, x):
+        "Whether input `x` is recorded (a floating-point tensor); if not, `kind` says why."
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            self.kind = self.kind or (f"the input is {type(x).__name__ if not isinstance(x, torch.Tensor) else x.dtype}, "
+                                      "not a floating-point tensor")
+            return False
+        self.kind = 'float'
+        return True
+
+    def _flat_input(self, x):
+        if x.requires_grad: x = x.detach()  # (out= refuses a tensor in the graph; inputs rarely are)
+        flat = x.view(-1) if x.is_contiguous() else x.reshape(-1)
+        return flat if flat.dtype is torch.float32 else flat.float()
+
+    # ---- graph mode (learnkit.graph_mode): the step writes at the device-side row `graph.batch` ---------------
+    graph_safe = True
+
+    def graph_setup(self, graph):
+        "Graph mode: one staging row per training step of the epoch, made at the first batch (sized by it)."
+        self._graph, self._graph_samples, self._graph_minmax = graph, None, None
+
+    def graph_before_forward(self, graph):
+        "Inside the step: the batch's min and max and its sample, at row `graph.batch`."
+        if not self._is_recorded(graph.xb): return
+        flat, row = self._flat_input(graph.xb), graph.batch.view(1)
+        if self._graph_samples is None:
+            self._graph_samples = torch.empty(graph.n_iter, self.sample, device=graph.device)
+            self._graph_minmax = torch.empty(graph.n_iter, 2, device=graph.device)
+        self._graph_minmax.index_copy_(0, row, torch.stack(torch.aminmax(flat)).view(1, 2))
+        self._graph_samples.index_copy_(0, row, flat.index_select(0, self._positions_for(flat.numel())).view(1, -1))
+
+    def graph_epoch_end(self, graph, start, stop):
+        "Host, at the epoch's end: the recorded steps' rows summarised into the records, 16 at a time."
+        if self._graph_samples is None: return  # an input that is not recorded (`kind` says why)
+        every = self.every or 1
+        first = (-start) % every
+        rows = slice(first, stop - start, every)
+        samples, minmax = self._graph_samples[rows], self._graph_minmax[rows]
+        for c in range(0, len(samples), _STAGE):
+            self._staged = len(samples[c:c + _STAGE])
+            self._samples[:self._staged].copy_(samples[c:c + _STAGE])
+            self._minmax[:self._staged].copy_(minmax[c:c + _STAGE])
+            self.flush()
+        self.iters.extend(range(start + first, stop, every))
 
     def _positions_for(self, n):
         positions = self._positions.get(n)
@@ -96,7 +138,7 @@ class InputStats(StatsCallback):
     def after_fit(self): self.flush()
 
     def cleanup_fit(self):
-        self._active = False
+        self._active, self._graph, self._graph_samples, self._graph_minmax = False, None, None, None
         self._staged = 0  # a failed fit drops its last staged batches with the rest of the fit
 
     # ---- the protocol ------------------------------------------------------------------------------------------

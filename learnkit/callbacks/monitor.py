@@ -1,4 +1,6 @@
 """HealthMonitor: the health report live, during fit; and `health_cbs()`, every callback the report needs."""
+import warnings
+
 from ..callback import Callback, CancelFitException, noop
 from .activations import ActivationStats
 from .gradients import GradientStats
@@ -26,7 +28,8 @@ class HealthMonitor(Callback):
     `learn.no_logging()` and does nothing during `lr_find`, whose loss diverges on purpose.
 
     Cost: a check every `check_every` batches reads the records back (one host transfer) and runs the checks on the
-    CPU; at the default 200 that is well under 1% of a small CNN's training time."""
+    CPU; at the default 200 that is well under 1% of a small CNN's training time. In graph mode (`fit(...,
+    graph=True)`) it checks at epoch ends only, and warns once when `check_every` asked for more."""
     order = 90  # after every recorder has recorded the batch
 
     def __init__(self, check_every=200, stop_on=None, show=True, **thresholds):
@@ -40,6 +43,7 @@ class HealthMonitor(Callback):
         self.check_every, self.stop_on, self.show = check_every, stop_on, show
         self.thresholds = make_thresholds(**thresholds)
         self.report, self.stopped_by, self._shown, self._off, self._quiet = None, None, set(), False, False
+        self._graph_warned = False
 
     def before_fit(self):
         from .schedule import LRFinder
@@ -47,6 +51,17 @@ class HealthMonitor(Callback):
         # lr_find diverges on purpose: nothing to check there. Inside no_logging() (get_preds...) nothing is shown.
         self._off = any(isinstance(cb, LRFinder) for cb in self.learn.cbs)
         self._quiet = self.learn.logger is noop
+
+    # Graph mode (learnkit.graph_mode): no per-batch host work can run inside the captured step, so it checks at
+    # epoch ends only.
+    graph_safe = True
+
+    def graph_setup(self, graph):
+        if self.check_every and not self._graph_warned:
+            self._graph_warned = True
+            warnings.warn(f"HealthMonitor(check_every={self.check_every}): in graph mode (fit(graph=True)) the health "
+                          "checks run at the end of each epoch only; pass check_every=None to say so and silence this "
+                          "warning", UserWarning, stacklevel=2)
 
     def after_batch(self):
         if self.check_every and self.learn.training and self.learn.train_iter % self.check_every == 0:

@@ -14,6 +14,12 @@ from .stats import StatsCallback
 __all__ = ['OutputStats', 'loss_expects']
 
 
+def _probe_row(pred):
+    "min output, max |row sum - 1|, max |logsumexp(row)| of a batch of outputs (see OutputStats)."
+    p = pred.float()
+    return torch.stack([p.min(), (p.sum(1) - 1).abs().max(), p.logsumexp(1).abs().max()])
+
+
 def loss_expects(loss_func):
     """What a classification loss expects of the model's outputs: 'logits' (cross-entropy, BCE with logits),
     'log_probs' (NLL), or None when learnkit does not know the loss."""
@@ -35,7 +41,9 @@ class OutputStats(StatsCallback):
 
     Cost: on a training batch one `index_add_` (the label counts); on a probe batch six small ops more; on a
     validation batch five ops on the (batch, classes) outputs. Nothing is read back until asked. Anything else
-    (regression, multi-label, sequence outputs) is not recorded, and `kind` says why.
+    (regression, multi-label, sequence outputs) is not recorded, and `kind` says why. In graph mode (`fit(...,
+    graph=True)`) the label counts and the probes run inside the captured step, the probes written at a row chosen
+    on the device (every batch is probed there, the later ones into a scratch row: a replayed graph runs all its ops).
     """
     order = 55
     record_schema = {'train_labels': 'per epoch, count of each class among the training labels',
@@ -60,16 +68,14 @@ class OutputStats(StatsCallback):
     def after_fit(self):
         if self._epoch_open: self.after_epoch()  # a fit cancelled mid-epoch keeps what it counted
         self._in_fit = False
-    def cleanup_fit(self): self._in_fit = False
+    def cleanup_fit(self): self._in_fit, self._graph = False, None
 
     def before_epoch(self):
         if self._counts is not None: self._counts.zero_()
         self._probed, self._epoch_open = 0, True
 
-    def _classifier_batch(self):
+    def _classifier_batch(self, pred, targ):
         "(pred, target) when this batch is a classifier's, else None (and `kind` says why)."
-        learn = self.learn
-        pred, targ = learn.pred, learn.yb[0] if learn.yb else None
         if not (isinstance(pred, torch.Tensor) and pred.ndim == 2 and pred.shape[1] >= 2 and pred.is_floating_point()
                 and isinstance(targ, torch.Tensor) and targ.ndim == 1 and not targ.is_floating_point()
                 and len(targ) == len(pred)):
@@ -103,7 +109,7 @@ class OutputStats(StatsCallback):
                     and len(targ) <= len(self._ones)):
                 self._train_labels.index_add_(0, targ, self._ones_for(len(targ)))
                 return
-        batch = self._classifier_batch()
+        batch = self._classifier_batch(learn.pred, learn.yb[0] if learn.yb else None)
         if batch is None: return
         pred, targ = batch
         ones = self._ones_for(len(targ))
@@ -118,11 +124,39 @@ class OutputStats(StatsCallback):
             counts[3, :1] += (guess == targ).sum()
 
     def _probe(self, pred):
-        p = pred.float()
-        row = torch.stack([p.min(), (p.sum(1) - 1).abs().max(), p.logsumexp(1).abs().max()])
-        self._probes.append(row, copy=False)
+        self._probes.append(_probe_row(pred), copy=False)
         self.probe_iters.append(self.learn.train_iter)
         self._probed += 1
+
+    # ---- graph mode (learnkit.graph_mode): label counts and probes inside the captured step --------------------
+    graph_safe = True
+
+    def graph_setup(self, graph):
+        "Graph mode: a row per probe batch, and a scratch row that the later batches of the epoch write to."
+        self._graph = graph
+        self._graph_probes = torch.zeros(self.probe_batches + 1, 3, device=graph.device)
+        self._graph_last_probe = torch.full((1,), self.probe_batches, dtype=torch.long, device=graph.device)
+
+    def graph_after_loss(self, graph):
+        """Inside the step: the batch's labels added to the epoch's counts and, on the first `probe_batches` batches
+        of the epoch (chosen on the device by `graph.batch`), the probe of its outputs."""
+        new = self._counts is None
+        batch = self._classifier_batch(graph.pred, graph.yb)
+        if batch is None: return
+        if new: graph.buffer(self._counts)  # made at the first batch, a warm-up step: warm-up puts it back to 0
+        pred, targ = batch
+        self._train_labels.index_add_(0, targ, self._ones_for(len(targ)))
+        if self.probe_batches:
+            row = torch.minimum(graph.batch.view(1), self._graph_last_probe)  # past the probes: the scratch row
+            self._graph_probes.index_copy_(0, row, _probe_row(pred).view(1, 3))
+
+    def graph_epoch_end(self, graph, start, stop):
+        "Host, at the epoch's end: the epoch's probe rows join the records."
+        if self.n_classes is None: return
+        k = min(self.probe_batches, stop - start)
+        if k: self._probes.extend(self._graph_probes[:k])
+        self.probe_iters.extend(range(start, start + k))
+        self._probed = k
 
     def after_validate(self):
         # Under DDP each rank counted its own shard: add them up here, where the validation ends.
