@@ -14,6 +14,7 @@ from learnkit.callbacks.stats import StatsCallback, read_records
 from learnkit.callbacks.weights import WeightStats
 from learnkit.data import DataLoaders, Normalize
 from learnkit.diagnostics import HealthMonitor, health_cbs
+from learnkit.diagnostics.findings import SEVERITIES
 from learnkit.models import simple_cnn
 
 
@@ -170,6 +171,41 @@ def test_health_monitor_stops_the_chapters_collapsing_run_before_its_epoch_ends(
     # Nothing is left behind: no hooks, the learner trains again.
     assert not any(m._forward_hooks for m in learn.model.modules())
     learn.fit(1, 1e-4)
+
+
+def test_a_growth_collapse_cycle_that_leaves_a_layer_dead_heads_an_error_and_stops_the_fit(fmnist, capsys):
+    """The chapter's step 2 (bs 512, lr 0.06, no batchnorm) on 6,000 images: a growth-collapse cycle at the start
+    leaves layer 2 collapsed for good (measured with a plain hook on its conv). The cycle, a whole-run finding that
+    never stops a fit by itself, explains the collapse; the report leads with it as an error (the worst of what it
+    explains), not a warning, and the monitor stops the 2-epoch fit at the end of the first epoch on the collapse."""
+    dls = DataLoaders.from_tensors(fmnist.x_train[:6000], fmnist.y_train[:6000], fmnist.x_valid[:500],
+                                   fmnist.y_valid[:500], bs=512, batch_tfms=[Normalize()], vocab=fmnist.classes,
+                                   seed=0, device='cpu')
+    torch.manual_seed(0)
+    model = simple_cnn(bn=False)
+    shares = []
+    handle = model[2][0].register_forward_hook(
+        lambda m, i, o: shares.append((o <= 0.05).float().mean().item()) if m.training else None)
+    learn = Learner(dls, model, loss_func=F.cross_entropy, metrics=accuracy, device='cpu',
+                    cbs=health_cbs(check_every=None, stop_on='error'))
+    torch.set_flush_denormal(True)  # a collapsed network is all subnormals, ~10x slower on the CPU
+    try:
+        with learn.no_bar(): learn.fit(2, 0.06)
+    finally:
+        torch.set_flush_denormal(False)
+        handle.remove()
+    assert min(shares[-3:]) > 0.9 and learn.recorder.values[-1][2] < 0.3  # the truth: collapsed, near chance
+    monitor = learn.health_monitor
+    assert learn.train_iter == len(dls.train) == 11  # stopped at the first epoch's end
+    assert (monitor.stopped_by.check, monitor.stopped_by.layer, monitor.stopped_by.cause) == (
+        'activation_collapse', '2.0 Conv2d', 'growth_collapse_cycle[2.0 Conv2d]')
+    report = learn.diagnose(show=False)
+    cycle = report.root_causes[0]
+    assert (cycle.severity, cycle.key) == ('error', 'growth_collapse_cycle[2.0 Conv2d]')
+    assert 'activation_collapse[2.0 Conv2d]' in {f.key for f in report.consequences(cycle)}
+    for root in report.root_causes:  # no root is less serious than what it explains
+        assert all(SEVERITIES.index(root.severity) <= SEVERITIES.index(f.severity) for f in report.consequences(root))
+    assert 'HealthMonitor: stopping the fit at training batch 11 (error activation_collapse' in capsys.readouterr().out
 
 
 def test_health_monitor_lets_a_healthy_run_finish(chapter_dls, capsys):

@@ -8,7 +8,7 @@ from .inputs import InputStats
 from .outputs import OutputStats
 from .weights import WeightStats
 
-__all__ = ['HealthMonitor', 'health_cbs', 'WHOLE_RUN_CHECKS']
+__all__ = ['HealthMonitor', 'health_cbs', 'live_roots', 'WHOLE_RUN_CHECKS']
 
 # Findings that judge a run as a whole (its progress, its outcome): mid-epoch they are not shown, and they never
 # stop a fit, which may still be warming up.
@@ -18,12 +18,30 @@ WHOLE_RUN_CHECKS = frozenset({'no_progress', 'loss_plateau', 'lr_too_low', 'osci
 _STOP_LEVELS = {None: (), 'error': ('error',), 'warning': ('error', 'warning')}
 
 
+def live_roots(report):
+    """The root causes of `report` once the findings that judge the whole run (`WHOLE_RUN_CHECKS`) are set aside: the
+    warnings and errors of other checks that no finding of another such check explains. A layer's collapse that a
+    growth-collapse cycle explains is one: the cycle may not be judged mid-run, the collapse can."""
+    by_key = {f.key: f for f in report.findings}
+
+    def explained(f):
+        seen = set()
+        while f.cause is not None and f.cause in by_key and f.key not in seen:
+            seen.add(f.key)
+            f = by_key[f.cause]
+            if f.check not in WHOLE_RUN_CHECKS: return True
+        return False
+    return [f for f in report.findings if f.severity != 'info' and f.check not in WHOLE_RUN_CHECKS
+            and not explained(f)]
+
+
 class HealthMonitor(Callback):
     """Runs the health checks during fit: at the end of every epoch and every `check_every` training batches
     (None: epoch ends only), reading all the records in one transfer each time, and shows each new root cause in
-    the progress output (`show=True`). With `stop_on='error'` (or 'warning') it ends the fit as soon as a root cause
-    of that severity appears, so a doomed run stops early; findings that judge the whole run (no progress, a
-    plateau, overfitting, ...) never stop a fit. `report` is the last report, `stopped_by` the finding that ended
+    the progress output (`show=True`). With `stop_on='error'` (or 'warning') it ends the fit as soon as a finding
+    of that severity appears that nothing explains but findings that judge the whole run (`live_roots`), so a
+    doomed run stops early; those findings (no progress, a plateau, overfitting, a growth-collapse cycle, ...)
+    never stop a fit themselves, nor are they shown mid-epoch. `report` is the last report, `stopped_by` the finding that ended
     the fit (or None). Keywords override the report's `Thresholds`, validated now. It stays silent inside
     `learn.no_logging()` and does nothing during `lr_find`, whose loss diverges on purpose.
 
@@ -74,11 +92,12 @@ class HealthMonitor(Callback):
         from ..diagnostics.health import RunData, run_checks
         if self._off: return
         self.report = report = run_checks(RunData.from_learner(self.learn), self.thresholds)
-        roots = [f for f in report.root_causes if not (mid_epoch and f.check in WHOLE_RUN_CHECKS)]
+        live = live_roots(report)
+        roots = live if mid_epoch else report.root_causes
         new = [f for f in roots if f.key not in self._shown]
         self._shown.update(f.key for f in new)
         if self.show and new and not self._quiet: self._write(new)
-        stop = [f for f in roots if f.severity in _STOP_LEVELS[self.stop_on] and f.check not in WHOLE_RUN_CHECKS]
+        stop = [f for f in live if f.severity in _STOP_LEVELS[self.stop_on]]
         if stop:
             self.stopped_by = stop[0]
             if not self._quiet:

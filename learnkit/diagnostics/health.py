@@ -41,7 +41,8 @@ class HealthReport:
     def warnings(self): return [f for f in self.findings if f.severity == 'warning']
     @property
     def root_causes(self):
-        "The warnings and errors that no other finding explains, errors first."
+        """The warnings and errors that no other finding explains, errors first. A root cause takes the severity of
+        the worst finding it explains."""
         return [f for f in self.findings if f.severity != 'info' and f.cause is None]
 
     def consequences(self, finding):
@@ -355,6 +356,18 @@ def link_causes(findings):
 
     def root(f, depth=0):
         return f if f.cause is None or f.cause not in by_key or depth > len(linked) else root(by_key[f.cause], depth + 1)
+
+    # A root cause is as serious as the worst of what it explains: a growth-collapse cycle (a warning when training
+    # recovers from it) that left the layers collapsed for good heads an error.
+    worst = {}
+    for f in linked:
+        if f.severity != 'info':
+            r = root(f)
+            worst[r.key] = min(worst.get(r.key, len(SEVERITIES)), SEVERITIES.index(f.severity))
+    linked = [Finding(**{**f.__dict__, 'severity': SEVERITIES[worst[f.key]]})
+              if f.cause is None and f.key in worst and worst[f.key] < SEVERITIES.index(f.severity) else f
+              for f in linked]
+    by_key = {f.key: f for f in linked}
 
     def rank(f):
         r = root(f)
