@@ -470,6 +470,20 @@ def test_gradient_stats_match_direct_computation(fmnist):
     assert len(figs[-1].axes) == 3
 
 
+def test_gradient_stats_leave_frozen_layers_out(fmnist):
+    """A layer frozen before fit has no gradient to measure: GradientStats leaves it out (a norm of 0 would read as a
+    vanishing gradient, and the report would call a deliberate freeze an error); only frozen layers are refused."""
+    model = simple_cnn()
+    model[1].requires_grad_(False)
+    grads = GradientStats()
+    make_learner(fmnist, grads, model=model).fit(1, 0.01)
+    assert grads.layer_names == ['0.0 Conv2d', '2.0 Conv2d', '3.0 Conv2d', '4.0 Conv2d']
+    assert (grads.stats['grad_norm'] > 0).all()
+    learn = make_learner(fmnist, GradientStats(modules=[model[1]]), model=model)
+    with pytest.raises(ValueError, match='no trainable parameters.*frozen.*unfreeze'): learn.fit(1, 0.01)
+    assert not any(m._forward_hooks for m in model.modules())  # the failed fit left no hook behind
+
+
 def test_dead_units_are_counted_per_window(fmnist):
     model = simple_cnn()
     with torch.no_grad(): model[3][0].bias.fill_(-100.)  # every unit of the 4th ReLU is dead from the start

@@ -37,7 +37,8 @@ _STAGE = 16  # steps staged before they are appended to the records
 
 
 class GradientStats(GraphGradients, StatsCallback):
-    """Records, for every training step (or every `every`-th) and every layer with parameters:
+    """Records, for every training step (or every `every`-th) and every layer with a trainable parameter (frozen
+    layers, whose parameters all have requires_grad=False when fit begins, are left out):
     - `grad_norm`: the L2 norm of the layer's gradients (all its parameters together), read just before
       the optimizer step (after any clipping done by callbacks with a lower `order`);
     - `update_ratio`: ||w_after - w_before|| / ||w_before||, the size of the step the optimizer really took
@@ -87,13 +88,19 @@ class GradientStats(GraphGradients, StatsCallback):
     def before_fit(self):
         self._remove()
         model, dev = self.learn.model, self.learn.device
-        layers = list(self.modules) if self.modules is not None else default_modules(model)
+        recurse = self.modules is not None
+        # Layers with a trainable parameter: a frozen layer has no gradient to measure (a norm of 0 would read as a
+        # vanishing gradient; WeightStats reports the layer as unchanged).
+        layers = [m for m in (list(self.modules) if self.modules is not None else default_modules(model))
+                  if any(p.requires_grad for p in m.parameters(recurse=recurse))]
         self._params, self.param_layers = [], []
         for i, m in enumerate(layers):
-            for p in m.parameters(recurse=self.modules is not None):
+            for p in m.parameters(recurse=recurse):
                 if p.requires_grad: self._params.append(p); self.param_layers.append(i)
         if not self._params:
-            raise ValueError(f"GradientStats found no trainable parameters in the layers of {type(model).__name__}")
+            raise ValueError(f"GradientStats found no trainable parameters in the layers of {type(model).__name__}: "
+                             "every one is frozen (requires_grad=False). Unfreeze some (learn.unfreeze()) or fit "
+                             "without GradientStats")
         self.layer_names = module_names(model, layers)
         self._prev = [torch.empty_like(p) for p in self._params]
         self._zeros = {}
