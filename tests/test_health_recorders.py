@@ -229,8 +229,26 @@ def test_health_monitor_keeps_out_of_lr_find_and_quiet_inside_no_logging(chapter
     assert capsys.readouterr().out == ''
 
 
+def test_health_monitor_keeps_its_mid_epoch_checks_within_their_share_of_the_time(chapter_dls):
+    """A check reads the whole run so far, so it costs more the longer the fit: with max_share the mid-epoch checks
+    are skipped while the last one took more than that share of the time since it (epoch-end checks always run).
+    max_share=None runs every check; a share far below any check's cost leaves the first mid-epoch check only."""
+    def checks(max_share):
+        torch.manual_seed(0)
+        learn = Learner(chapter_dls, simple_cnn(bn=True), loss_func=F.cross_entropy, device='cpu',
+                        cbs=health_cbs(check_every=3, show=False, max_share=max_share))
+        with learn.no_bar(), learn.no_logging(): learn.fit(2, 1e-3)
+        return learn.health_monitor
+    every = checks(None)
+    assert every.checked_at == [3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 31, 33, 36, 39, 42, 45, 48, 51, 54, 57, 60, 62]
+    assert every.skipped_checks == 0
+    rare = checks(1e-9)
+    assert rare.checked_at == [3, 31, 62] and rare.skipped_checks == 19
+
+
 def test_health_monitor_validates_its_arguments():
     with pytest.raises(ValueError, match="check_every=0.*int >= 1"): HealthMonitor(check_every=0)
     with pytest.raises(ValueError, match="stop_on='fatal'.*None.*'error' or 'warning'"): HealthMonitor(stop_on='fatal')
+    with pytest.raises(ValueError, match=r"max_share=0.*\(0, 1\]"): HealthMonitor(max_share=0)
     with pytest.raises(ValueError, match='threshold dead_units must be a fraction'): health_cbs(dead_units=2)
     with pytest.raises(TypeError, match='unknown threshold'): HealthMonitor(dead_unit=0.5)

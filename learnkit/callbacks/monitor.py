@@ -1,4 +1,5 @@
 """HealthMonitor: the health report live, during fit; and `health_cbs()`, every callback the report needs."""
+import time
 import warnings
 
 from ..callback import Callback, CancelFitException, noop
@@ -45,12 +46,15 @@ class HealthMonitor(Callback):
     the fit (or None). Keywords override the report's `Thresholds`, validated now. It stays silent inside
     `learn.no_logging()` and does nothing during `lr_find`, whose loss diverges on purpose.
 
-    Cost: a check every `check_every` batches reads the records back (one host transfer) and runs the checks on the
-    CPU; at the default 200 that is well under 1% of a small CNN's training time. In graph mode (`fit(...,
-    graph=True)`) it checks at epoch ends only, and warns once when `check_every` asked for more."""
+    Cost: a check reads the records back (one host transfer) and runs the checks on the CPU, over the whole run so
+    far, so a check costs more the longer the fit. `max_share` (default 1%) bounds what the mid-epoch checks take: one
+    is skipped (and counted in `skipped_checks`) while the last check took more than `max_share` of the time since it
+    ended; epoch-end checks always run. `max_share=None` runs every check. `checked_at` lists the training batches
+    checked. In graph mode (`fit(..., graph=True)`) it checks at epoch ends only, and warns once when `check_every`
+    asked for more."""
     order = 90  # after every recorder has recorded the batch
 
-    def __init__(self, check_every=200, stop_on=None, show=True, **thresholds):
+    def __init__(self, check_every=200, stop_on=None, show=True, max_share=0.01, **thresholds):
         from ..diagnostics.findings import thresholds as make_thresholds
         if check_every is not None and (not isinstance(check_every, int) or isinstance(check_every, bool)
                                         or check_every < 1):
@@ -58,7 +62,11 @@ class HealthMonitor(Callback):
                              "or None to check at epoch ends only")
         if stop_on not in _STOP_LEVELS:
             raise ValueError(f"HealthMonitor(stop_on={stop_on!r}): use None (never stop), 'error' or 'warning'")
-        self.check_every, self.stop_on, self.show = check_every, stop_on, show
+        if max_share is not None and (isinstance(max_share, bool) or not isinstance(max_share, (int, float))
+                                      or not 0 < max_share <= 1):
+            raise ValueError(f"HealthMonitor(max_share={max_share!r}): the largest share of the fit's time the "
+                             "mid-epoch checks may take, a number in (0, 1], or None to run every check")
+        self.check_every, self.stop_on, self.show, self.max_share = check_every, stop_on, show, max_share
         self.thresholds = make_thresholds(**thresholds)
         self.report, self.stopped_by, self._shown, self._off, self._quiet = None, None, set(), False, False
         self._graph_warned = False
@@ -66,6 +74,7 @@ class HealthMonitor(Callback):
     def before_fit(self):
         from .schedule import LRFinder
         self.report, self.stopped_by, self._shown = None, None, set()
+        self.checked_at, self.skipped_checks, self._last_cost, self._last_end = [], 0, 0., time.perf_counter()
         # lr_find diverges on purpose: nothing to check there. Inside no_logging() (get_preds...) nothing is shown.
         self._off = any(isinstance(cb, LRFinder) for cb in self.learn.cbs)
         self._quiet = self.learn.logger is noop
@@ -82,8 +91,11 @@ class HealthMonitor(Callback):
                           "warning", UserWarning, stacklevel=2)
 
     def after_batch(self):
-        if self.check_every and self.learn.training and self.learn.train_iter % self.check_every == 0:
-            self.check(mid_epoch=True)
+        if not (self.check_every and self.learn.training and self.learn.train_iter % self.check_every == 0): return
+        if self.max_share is not None and self._last_cost > self.max_share * (time.perf_counter() - self._last_end):
+            self.skipped_checks += 1  # the checks would take more than their share of the fit's time
+            return
+        self.check(mid_epoch=True)
 
     def after_epoch(self): self.check(mid_epoch=False)
 
@@ -91,7 +103,11 @@ class HealthMonitor(Callback):
         "Run the checks on what is recorded so far; show new root causes; stop the fit if asked to."
         from ..diagnostics.health import RunData, run_checks
         if self._off: return
+        start = time.perf_counter()
         self.report = report = run_checks(RunData.from_learner(self.learn), self.thresholds)
+        self.checked_at.append(self.learn.train_iter)
+        self._last_end = time.perf_counter()
+        self._last_cost = self._last_end - start
         live = live_roots(report)
         roots = live if mid_epoch else report.root_causes
         new = [f for f in roots if f.key not in self._shown]
@@ -114,18 +130,18 @@ class HealthMonitor(Callback):
             else: print(line, flush=True)
 
 
-def health_cbs(check_every=200, stop_on=None, show=True, grad_every=4, **thresholds):
+def health_cbs(check_every=200, stop_on=None, show=True, grad_every=4, max_share=0.01, **thresholds):
     """Every callback the health report needs, for `Learner(..., cbs=health_cbs())`: InputStats, OutputStats,
     ActivationStats (histograms, and the bounded activations such as tanh hooked too, for saturation),
-    GradientStats, WeightStats and a `HealthMonitor(check_every, stop_on, show, **thresholds)`.
+    GradientStats, WeightStats and a `HealthMonitor(check_every, stop_on, show, max_share, **thresholds)`.
 
     Gradients are recorded on every `grad_every`-th training step (`GradientStats(every=grad_every)`; its dead-unit
     windows then span 50 recorded steps, 200 batches): their norms, update ratios and dead units change slowly, and
-    one step in four costs a quarter as much (on a 2-core CPU, 6% of the training step rather than 25%; see
-    `bench/overhead.py`). Pass `grad_every=1` to record every step."""
+    one step in four costs a quarter as much (for the chapter's simple_cnn on a 2-core CPU, about 2% of the training
+    time rather than 8%; see `bench/overhead.py`). Pass `grad_every=1` to record every step."""
     if not isinstance(grad_every, int) or isinstance(grad_every, bool) or grad_every < 1:
         raise ValueError(f"health_cbs(grad_every={grad_every!r}): grad_every must be a positive int (record the "
                          "gradients on every N-th training step; 1: every step)")
     return [InputStats(), OutputStats(), ActivationStats(with_hist=True, include_saturating=True),
             GradientStats(every=None if grad_every == 1 else grad_every), WeightStats(),
-            HealthMonitor(check_every, stop_on, show, **thresholds)]
+            HealthMonitor(check_every, stop_on, show, max_share, **thresholds)]
