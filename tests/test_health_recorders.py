@@ -151,7 +151,7 @@ def chapter_dls(fmnist):
 def test_health_monitor_stops_the_chapters_collapsing_run_before_its_epoch_ends(chapter_dls, capsys):
     torch.manual_seed(0)
     learn = Learner(chapter_dls, simple_cnn(bn=False), loss_func=F.cross_entropy, metrics=accuracy, device='cpu',
-                    cbs=health_cbs(check_every=5, stop_on='error'))
+                    cbs=health_cbs(check_every=5, stop_on='error', max_share=None))
     torch.set_flush_denormal(True)  # a collapsed network is all subnormals, ~10x slower on the CPU
     try:
         with learn.no_bar(): learn.fit(1, 0.06)
@@ -221,7 +221,7 @@ def test_health_monitor_lets_a_healthy_run_finish(chapter_dls, capsys):
 def test_health_monitor_keeps_out_of_lr_find_and_quiet_inside_no_logging(chapter_dls, capsys):
     torch.manual_seed(0)
     learn = Learner(chapter_dls, simple_cnn(bn=True), loss_func=F.cross_entropy, device='cpu',
-                    cbs=health_cbs(check_every=5, stop_on='error'))
+                    cbs=health_cbs(check_every=5, stop_on='error', max_share=None))
     with learn.no_bar(): learn.lr_find(num_it=30, show_plot=False)  # its loss diverges on purpose
     assert learn.health_monitor.report is None and learn.health_monitor.stopped_by is None
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-7)  # lr far too low: found, not shown
