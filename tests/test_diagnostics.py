@@ -127,6 +127,28 @@ def test_a_learning_rate_far_too_low_is_named_and_explains_the_lack_of_progress(
     assert not any('lower the learning rate' in f.advice for f in report.root_causes)
 
 
+def test_a_body_trained_slowly_on_purpose_is_not_a_learning_rate_too_low(fmnist):
+    """Discriminative learning rates, as fine_tune gives a pretrained body (here lr/1000 for the first three blocks):
+    the body's weights barely move (measured by the test's own snapshots of their update ratio), which is the user's
+    choice; the report says nothing about it. The same layers trained at that rate throughout are named."""
+    def fit(lr):
+        learn = learner(torch_dls(fmnist, n_train=1280, n_valid=256),
+                        splitter=lambda m: [list(m[:3].parameters()), list(m[3:].parameters())])
+        body = learn.model[0][0].weight
+        before = body.detach().clone()
+        learn.fit_one_cycle(2, lr)
+        return learn, ((body.detach() - before).norm() / before.norm()).item() / len(learn.dls.train) / 2
+    learn, body_ratio = fit(slice(1e-5, 1e-2))
+    assert body_ratio < 1e-5  # the truth: the first conv moves less than 1e-5 of its norm per step
+    shares = learn.gradient_stats.stats['lr_share'].tolist()
+    assert shares[:6] == pytest.approx([1e-3] * 6) and shares[6:] == pytest.approx([1.] * 4)
+    report = diagnose(learn, show=False)
+    assert not report.by_check('update_ratio') and not report.by_check('lr_too_low'), str(report)
+    slow, _ = fit(1e-5)
+    named = {f.layer for f in diagnose(slow, show=False).by_check('update_ratio')}
+    assert {'0.1 BatchNorm2d', '1.1 BatchNorm2d', '2.1 BatchNorm2d'} <= named
+
+
 def test_a_learning_rate_of_zero_leaves_every_layer_unchanged(fmnist):
     learn = learner(torch_dls(fmnist, n_train=320, n_valid=128))
     learn.fit(1, 0.)

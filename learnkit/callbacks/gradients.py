@@ -69,7 +69,7 @@ class GradientStats(GraphGradients, StatsCallback):
         if not isinstance(dead_window, int) or dead_window < 1:
             raise ValueError(f"dead_window must be a positive int (batches per dead-unit window); got {dead_window!r}")
         self.every, self.dead_window, self.modules = every, dead_window, modules
-        self.layer_names, self.relu_names, self.iters, self.dead_iters = [], [], [], []
+        self.layer_names, self.relu_names, self.iters, self.dead_iters, self.lr_shares = [], [], [], [], None
         self._relu_hooks, self._active, self._snapped = None, False, False
         self.param_layers, self._staged_rows, self._staged = [], None, 0
         self._reset_records(0)
@@ -110,11 +110,29 @@ class GradientStats(GraphGradients, StatsCallback):
         # Made once: a view is an op too.
         self._slots = [(row[:2].view(-1), row[2]) for row in self._staged_rows.unbind(0)]
         relus = [m for m in model.modules() if isinstance(m, RELU_TYPES)]
+        self.lr_shares = self._lr_shares(layers)
         self.relu_names = module_names(model, relus)
         self._relu_index = {id(m): j for j, m in enumerate(relus)}
         self._reset_records(len(relus))
         # Not detached per call (two more ops per ReLU per batch): the hook runs with grad mode off instead.
         self._relu_hooks = Hooks(relus, self._relu_hook, detach=False) if relus else None
+
+    def _lr_shares(self, layers):
+        """Per layer, the learning rate of its parameters' group over the fit's largest (1 for every layer without
+        discriminative learning rates; 0.01 for a body trained at lr/100 by fine_tune), read from the optimizer at the
+        start of fit; None when the rates are not plain numbers (graph mode's device tensors are not read)."""
+        opt = getattr(self.learn, 'opt', None)
+        if opt is None: return None
+        lr_of = {}
+        for group in opt.param_groups:
+            lr = group.get('lr')
+            if isinstance(lr, bool) or not isinstance(lr, (int, float)): return None
+            for p in group['params']: lr_of[id(p)] = lr
+        top = max(lr_of.values(), default=0)
+        if top <= 0: return None
+        recurse = self.modules is not None
+        return [max(lr_of.get(id(p), 0) for p in m.parameters(recurse=recurse) if p.requires_grad) / top
+                for m in layers]
 
     def before_batch(self):
         self._iter = self.learn.train_iter  # read now: TrainEvalCallback advances it before our after_batch
@@ -213,7 +231,8 @@ class GradientStats(GraphGradients, StatsCallback):
     def summarize(self, raw):
         """`grad_norm` and `update_ratio` (steps, layers), `iters` (their training batch numbers), `dead` (windows,
         relus: the fraction of each ReLU's channels never positive in the window) with `dead_iters` (the batch each
-        window ended at), and the names of both."""
+        window ended at), and the names of both; `lr_share`, per layer the learning rate of its group over the fit's
+        largest (NaN when unknown)."""
         rows = raw['records']
         rows = rows if len(rows) else torch.empty(0, 3, len(self.param_layers))
         # Per layer, the square root of its parameters' summed squared norms (in float64: a (layers, params) 0/1
@@ -231,7 +250,9 @@ class GradientStats(GraphGradients, StatsCallback):
         return {'grad_norm': grad.sqrt().T.float(), 'update_ratio': (update.sqrt() / weight.sqrt()).T.float(),
                 'iters': torch.tensor(self.iters, dtype=torch.long), 'layer_names': list(self.layer_names),
                 'dead': dead, 'dead_iters': torch.tensor(self.dead_iters, dtype=torch.long),
-                'relu_names': list(self.relu_names)}
+                'relu_names': list(self.relu_names),
+                'lr_share': torch.tensor(self.lr_shares if self.lr_shares is not None
+                                         else [float('nan')] * len(self.layer_names), dtype=torch.float32)}
 
     def records_mark(self):
         "The windows closed so far (norms and update ratios are the same on every rank: DDP averaged the gradients)."
@@ -263,7 +284,8 @@ class GradientStats(GraphGradients, StatsCallback):
                 'relu_widths': list(self._relu_widths), 'windows_before_width': list(self._windows_before_width),
                 'iters': list(self.iters), 'dead_iters': list(self.dead_iters),
                 'layer_names': list(self.layer_names), 'relu_names': list(self.relu_names),
-                'open_window': [cpu(w) for w in self._open_windows], 'in_window': self._in_window}
+                'open_window': [cpu(w) for w in self._open_windows], 'in_window': self._in_window,
+                'lr_shares': self.lr_shares}
 
     def load_state_dict(self, state):
         names = list(state['layer_names'])
@@ -281,7 +303,7 @@ class GradientStats(GraphGradients, StatsCallback):
         for log, values in zip(self._window_sums, state['window_sums']): log.load_state_dict({'values': values}, device)
         self._relu_widths, self._windows_before_width = list(state['relu_widths']), list(state['windows_before_width'])
         self.iters, self.dead_iters, self.layer_names = list(state['iters']), list(state['dead_iters']), names
-        self.param_layers = list(state['param_layers'])
+        self.param_layers, self.lr_shares = list(state['param_layers']), state.get('lr_shares')
         self._open_windows = [None if m is None else _OpenWindow.resumed(m.to(device)) for m in state['open_window']]
         self._in_window = state['in_window']  # a Python int in the checkpoint
 

@@ -291,6 +291,14 @@ def check_gradients(data, th):
     return out
 
 
+def slowed_on_purpose(g):
+    """Per layer, whether its parameter group trains at a learning rate well below the fit's top one (discriminative
+    rates, as fine_tune gives a pretrained body): its small steps are the user's choice, not a learning rate too low."""
+    shares = g.get('lr_share')
+    if shares is None: return [False] * len(g['layer_names'])
+    return [share < 0.5 for share in shares.tolist()]  # sync-ok: CPU records, read on request (NaN compares False)
+
+
 def layer_update_ratios(g):
     "Per layer, the median update ratio over its finite steps (NaN when it has none)."
     ratios = g['update_ratio']
@@ -306,9 +314,9 @@ def check_update_ratio(data, th):
     "Median update:data ratio per layer far from the healthy ~1e-3."
     g, out = data.grad, []
     it = g['iters'].tolist()  # sync-ok: CPU records, read on request
-    for name, med in zip(g['layer_names'], layer_update_ratios(g)):
+    for name, med, slowed in zip(g['layer_names'], layer_update_ratios(g), slowed_on_purpose(g)):
         if med != med: continue
-        if med < th.update_ratio_low:
+        if med < th.update_ratio_low and not slowed:
             out.append(Finding('warning', 'update_ratio',
                                f"median ||update|| / ||w|| is {med:.1e}, far below ~1e-3: the weights barely move",
                                "raise the learning rate (learn.lr_find()), or check this layer is not frozen",

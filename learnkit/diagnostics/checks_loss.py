@@ -2,7 +2,7 @@
 too low (with GradientStats' update ratios), and overfitting."""
 import math
 
-from .checks_layers import layer_update_ratios
+from .checks_layers import layer_update_ratios, slowed_on_purpose
 from .findings import Finding, mean, tail
 
 __all__ = ['check_loss_progress', 'check_lr_too_low', 'check_oscillation', 'check_overfitting', 'swings']
@@ -49,8 +49,11 @@ def check_lr_too_low(data, th):
     their norm (median over the layers that train), while the loss is still falling, or barely moved."""
     losses = [v for v in data.losses if math.isfinite(v)]
     if len(losses) < 4: return []
-    ratios = [r for r in layer_update_ratios(data.grad) if r == r and r > 0]  # layers that do not move at all:
-    if not ratios: return []                                                 # `unchanged_layers`
+    # Layers that do not move at all are `unchanged_layers`; layers trained at a lower rate on purpose (a
+    # fine-tuned body) say nothing about the fit's learning rate.
+    ratios = [r for r, slowed in zip(layer_update_ratios(data.grad), slowed_on_purpose(data.grad))
+              if r == r and r > 0 and not slowed]
+    if not ratios: return []
     ratio = sorted(ratios)[len(ratios) // 2]
     if ratio >= th.lr_low_update_ratio: return []
     head, end = losses[0], mean(losses[-tail(len(losses), th.end_window):])
