@@ -687,6 +687,28 @@ def healthy_long_1cycle(size):
                     1e-2, bs=128, wd=0.1, min_acc=0.75)
 
 
+@recipe('healthy_fine_tune', "fine_tune: simple_cnn's body pretrained on the five other classes, a new head, one "
+        "frozen epoch, then the body at 1/100 of the head's learning rate")
+def healthy_fine_tune(size):
+    fm = _fmnist()
+
+    def five_classes(first, n, nv):
+        "Loaders over the first n training (nv valid) images of classes first..first+4, labelled 0..4."
+        def pick(x, y, k):
+            keep = (y >= first) & (y < first + 5)
+            return x[keep][:k], y[keep][:k] - first
+        return DataLoaders.from_tensors(*pick(fm.x_train, fm.y_train, n), *pick(fm.x_valid, fm.y_valid, nv), bs=64,
+                                        batch_tfms=[Normalize()], seed=0, device='cpu')
+    n, nv = size(2000, 15000), size(500, 5000)
+    pretrain = quietly(Learner(five_classes(0, n, nv), simple_cnn(bn=True, n_out=5), loss_func=F.cross_entropy,
+                               device='cpu'), 'fit_one_cycle', size(1, 2), 1e-2)
+    model = pretrain.model
+    for m in model[4].modules():  # a new head
+        if hasattr(m, 'reset_parameters'): m.reset_parameters()
+    return _healthy(five_classes(5, n, nv), model, 'fine_tune', size(2, 3), 1e-2, loss_func=F.cross_entropy,
+                    splitter=lambda m: [list(m[:4].parameters()), list(m[4:].parameters())])
+
+
 # ---- scoring and the table -------------------------------------------------------------------------------------
 @dataclass
 class Result:
