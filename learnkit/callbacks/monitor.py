@@ -69,7 +69,7 @@ class HealthMonitor(Callback):
         self.check_every, self.stop_on, self.show, self.max_share = check_every, stop_on, show, max_share
         self.thresholds = make_thresholds(**thresholds)
         self.report, self.stopped_by, self._shown, self._off, self._quiet = None, None, set(), False, False
-        self._graph_warned = False
+        self.checked_at, self.skipped_checks, self._graph_warned = [], 0, False
 
     def before_fit(self):
         from .schedule import LRFinder
