@@ -16,7 +16,7 @@ from learnkit.data import DataLoaders, Normalize
 from learnkit.datasets import FASHION_MNIST_CLASSES
 from learnkit.diagnostics import ClassificationInterpretation, Finding, HealthReport, Thresholds, diagnose, health_cbs
 from learnkit.diagnostics.checks_layers import cycles as _cycles
-from learnkit.diagnostics.checks_loss import check_overfitting
+from learnkit.diagnostics.checks_loss import check_loss_progress, check_overfitting
 from learnkit.diagnostics.health import CHECKS, RunData as _RunData
 from learnkit.models import simple_cnn
 
@@ -185,6 +185,16 @@ def test_a_large_gap_alone_is_not_overfitting():
     epochs = [(1.0, 1.2), (0.5, 0.80), (0.3, 0.80), (0.2, 0.80), (0.1, 0.801)]
     found = check_overfitting(_RunData(epochs=epochs), Thresholds())
     assert len(found) == 1 and 'the gap between valid and training loss grew' in found[0].message
+
+
+def test_a_plateau_after_an_annealed_learning_rate_is_not_told_to_anneal_it():
+    "The plateau advice fits the run's schedule: fit_one_cycle for a constant rate, another peak rate after one."
+    losses = [2.0 - 0.02 * i for i in range(60)] + [0.8] * 20  # the last quarter flat
+    constant, = check_loss_progress(_RunData(losses=losses, lrs=[1e-2] * 80), Thresholds())
+    annealed, = check_loss_progress(_RunData(losses=losses, lrs=[1e-2 * (1 - i / 80) for i in range(80)]), Thresholds())
+    assert constant.check == annealed.check == 'loss_plateau'
+    assert 'anneals the learning rate (fit_one_cycle)' in constant.advice
+    assert 'already annealed' in annealed.advice and 'fit_one_cycle' not in annealed.advice
 
 
 def test_growth_then_collapse_cycles_are_counted():

@@ -246,6 +246,18 @@ def test_health_monitor_keeps_its_mid_epoch_checks_within_their_share_of_the_tim
     assert rare.checked_at == [3, 31, 62] and rare.skipped_checks == 19
 
 
+def test_findings_on_the_whole_run_wait_for_its_last_epoch(chapter_dls, capsys):
+    """A learning rate far too low judges the whole run: the monitor checks at both epoch ends, and shows it once,
+    at the end of the last (after the first it could be a schedule's warm-up)."""
+    torch.manual_seed(0)
+    learn = Learner(chapter_dls, simple_cnn(bn=True), loss_func=F.cross_entropy, device='cpu',
+                    cbs=health_cbs(check_every=None))
+    with learn.no_bar(): learn.fit(2, 1e-7)
+    assert learn.health_monitor.checked_at == [31, 62] and learn.health_monitor.report.by_check('lr_too_low')
+    shown = [line for line in capsys.readouterr().out.splitlines() if 'lr_too_low' in line]
+    assert len(shown) == 1 and shown[0].startswith('ERROR lr_too_low (batch 62)')
+
+
 def test_health_monitor_validates_its_arguments():
     with pytest.raises(ValueError, match="check_every=0.*int >= 1"): HealthMonitor(check_every=0)
     with pytest.raises(ValueError, match="stop_on='fatal'.*None.*'error' or 'warning'"): HealthMonitor(stop_on='fatal')

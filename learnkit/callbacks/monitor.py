@@ -42,7 +42,7 @@ class HealthMonitor(Callback):
     the progress output (`show=True`). With `stop_on='error'` (or 'warning') it ends the fit as soon as a finding
     of that severity appears that nothing explains but findings that judge the whole run (`live_roots`), so a
     doomed run stops early; those findings (no progress, a plateau, overfitting, a growth-collapse cycle, ...)
-    never stop a fit themselves, nor are they shown mid-epoch. `report` is the last report, `stopped_by` the finding that ended
+    never stop a fit themselves, and are shown only when the fit's last epoch ends. `report` is the last report, `stopped_by` the finding that ended
     the fit (or None). Keywords override the report's `Thresholds`, validated now. It stays silent inside
     `learn.no_logging()` and does nothing during `lr_find`, whose loss diverges on purpose.
 
@@ -109,7 +109,10 @@ class HealthMonitor(Callback):
         self._last_end = time.perf_counter()
         self._last_cost = self._last_end - start
         live = live_roots(report)
-        roots = live if mid_epoch else report.root_causes
+        # Findings that judge the whole run wait for its end: after an earlier epoch a plateau may be the warm-up of
+        # fit_one_cycle, a learning rate "too low" its first steps.
+        run_ended = not mid_epoch and self.learn.epoch >= self.learn.n_epoch - 1
+        roots = report.root_causes if run_ended else live
         new = [f for f in roots if f.key not in self._shown]
         self._shown.update(f.key for f in new)
         if self.show and new and not self._quiet: self._write(new)

@@ -35,13 +35,21 @@ def check_loss_progress(data, th):
             k = tail(len(window), 0.2)
             start, stop = mean(window[:k]), mean(window[-k:])
             if stop > th.plateau_floor and (start - stop) / start < th.plateau_tol:
+                advice = ("the learning rate was already annealed: try another peak rate (learn.lr_find()) or a "
+                          "larger model; if the valid loss is still falling, train longer" if _annealed(data.lrs) else
+                          "train with a schedule that anneals the learning rate (fit_one_cycle), or a different "
+                          "learning rate; if the valid loss is still falling, train longer")
                 out.append(Finding('warning', 'loss_plateau',
                                    f"over the last {w} batches the training loss went from {start:.3g} to {stop:.3g} "
-                                   f"({(start - stop) / start:+.1%}): it has stopped decreasing",
-                                   "train with a schedule that anneals the learning rate (fit_one_cycle), or a "
-                                   "different learning rate; if the valid loss is still falling, train longer",
+                                   f"({(start - stop) / start:+.1%}): it has stopped decreasing", advice,
                                    batches=(n - w, n - 1), value=stop))
     return out
+
+
+def _annealed(lrs):
+    "Whether the learning rate ended the run at under half its peak (fit_one_cycle, fit_flat_cos, a decay schedule)."
+    lrs = [float(lr) for lr in lrs or () if isinstance(lr, (int, float))]
+    return bool(lrs) and max(lrs) > 0 and lrs[-1] < 0.5 * max(lrs)
 
 
 def check_lr_too_low(data, th):
