@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ZOO_PATH = Path(__file__).resolve().parent.parent / 'bench' / 'zoo.py'
 
@@ -40,3 +41,29 @@ def test_the_report_names_the_cause(trained):
     recipe, run = trained
     report = run.learn.diagnose(show=False)
     assert zoo.report_agrees(recipe, report), zoo.disagreement(recipe, report)
+
+
+def test_a_layer_dead_for_a_while_on_shuffled_labels_is_not_why_nothing_was_learned(monkeypatch):
+    """The zoo's shuffled-labels run at bench size, seed 1: nothing can be learned (chance accuracy, the recipe's own
+    evaluation), and the first Linear's outputs are almost all <= 0.05 for a stretch before they recover (the test's
+    own forward hook). That layer works again at the end, so it cannot explain the chance accuracy: the report's
+    root is metric_at_chance, whose advice says to check the labels; the collapse is a warning of its own."""
+    shares = []
+    def hooked_mlp(*widths, **kwargs):
+        model = zoo.mlp.__wrapped__(*widths, **kwargs)
+        model[1].register_forward_hook(
+            lambda m, i, o: shares.append((o <= 0.05).float().mean().item()) if m.training else None)
+        return model
+    hooked_mlp.__wrapped__ = zoo.mlp
+    monkeypatch.setattr(zoo, 'mlp', hooked_mlp)
+    torch.manual_seed(1)
+    torch.set_flush_denormal(True)
+    try: run = zoo.shuffled_labels(zoo.BENCH)
+    finally: torch.set_flush_denormal(False)
+    assert not run.measurement.failed, run.measurement
+    stretch = max(min(shares[i:i + 5]) for i in range(len(shares) - 4))
+    assert stretch >= 0.95 and sum(shares[-20:]) / 20 < 0.95  # dead for 5 batches or more, alive at the end
+    report = run.learn.diagnose(show=False)
+    assert 'metric_at_chance' in {f.check for f in report.root_causes}, str(report)
+    collapse, = report.by_check('activation_collapse')
+    assert collapse.severity == 'warning' and collapse.cause is None and not report.consequences(collapse)
