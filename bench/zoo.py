@@ -579,7 +579,7 @@ def dead_relus(size):
 
 
 @recipe('chapter_collapse', "the chapter's baseline: simple_cnn without batchnorm, fit(1, 0.06) at bs 64",
-        'activation_collapse')
+        ('activation_collapse', 'growth_collapse_cycle'))  # the collapse, or the growth-collapse cycle that led to it
 def chapter_collapse(size):
     fm = _fmnist()
     n, nv = size(2000, 60000), size(500, 10000)

@@ -202,6 +202,7 @@ def test_a_growth_collapse_cycle_that_leaves_a_layer_dead_heads_an_error_and_sto
     report = learn.diagnose(show=False)
     cycle = report.root_causes[0]
     assert (cycle.severity, cycle.key) == ('error', 'growth_collapse_cycle[2.0 Conv2d]')
+    assert 'the last collapse never recovered' in cycle.message and 'restarts training' not in cycle.message
     assert 'activation_collapse[2.0 Conv2d]' in {f.key for f in report.consequences(cycle)}
     for root in report.root_causes:  # no root is less serious than what it explains
         assert all(SEVERITIES.index(root.severity) <= SEVERITIES.index(f.severity) for f in report.consequences(root))

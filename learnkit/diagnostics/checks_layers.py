@@ -131,12 +131,18 @@ def check_cycles(data, th):
         events = cycles(std, nz, th)
         if not events: continue
         t0, p0, c0 = events[0]
+        # Whether the layer is still collapsed at the end (as check_collapse judges it): then the last collapse was
+        # not a restart but the end of training for this layer.
+        end = nz[-tail(len(nz), th.end_window):]
+        for_good = sorted(end)[len(end) // 2] >= th.collapse_near_zero
+        outcome = ("the last collapse never recovered: the layer stays collapsed to the end" if for_good else
+                   "each collapse restarts training, which ends slower and worse")
         out.append(Finding(
             'warning', 'growth_collapse_cycle',
             f"{len(events)} cycle{'s' if len(events) > 1 else ''} of growth then collapse: the std of the activations "
             f"grew {std[p0] / max(std[t0], 1e-12):.1f}-fold (batch {its[t0]} to {its[p0]}), then fell back "
-            f"{std[p0] / max(std[c0], 1e-12):.1f}-fold with {nz[c0]:.0%} near zero at batch {its[c0]}; each collapse "
-            "restarts training, which ends slower and worse", "add batchnorm (simple_cnn(bn=True)), or lower lr_max",
+            f"{std[p0] / max(std[c0], 1e-12):.1f}-fold with {nz[c0]:.0%} near zero at batch {its[c0]}; {outcome}",
+            "add batchnorm (simple_cnn(bn=True)), or lower lr_max",
             layer=a['layer_names'][layer], batches=(its[events[0][0]], its[events[-1][2]]), value=len(events)))
     return out
 
