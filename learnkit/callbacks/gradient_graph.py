@@ -73,10 +73,8 @@ class GraphGradients:
         if self.learn.training and out.ndim >= 2: without_grad(self._graph_add_channel_sums, module, out)
 
     def _graph_add_channel_sums(self, module, out):
-        j = self._relu_index[id(module)]
-        width = self._relu_widths[j]
-        if width is None: self._first_width(j, out.shape[1])
-        elif out.shape[1] != width: return self._warn_width(j, out.shape[1])
+        j = self._relu_of(module, out)
+        if j is None: return
         rows, channels_last = gradients._batch_rows(out)
         running = self._graph_running[j]
         if running is None:  # the first forward pass (a warm-up step): registered, so warm-up puts it back to 0
@@ -84,13 +82,10 @@ class GraphGradients:
                 torch.zeros(self._graph_n_rows, rows.shape[1], dtype=rows.dtype, device=rows.device))
             self._graph_scratch[j] = torch.empty(1, rows.shape[1], dtype=rows.dtype, device=rows.device)
             self._graph_channels_last[j] = channels_last
-            key = (out.shape[0], out.dtype)
-            if key not in self._ones_rows:
-                self._ones_rows[key] = torch.ones(1, out.shape[0], dtype=out.dtype, device=out.device)
         elif running.shape[1] != rows.shape[1] or channels_last != self._graph_channels_last[j]:
             raise RuntimeError(f"fit(graph=True): the output of {self.relu_names[j]} changed shape or layout between "
                                "steps; graph mode needs fixed shapes")
-        summed = torch.mm(self._ones_rows[(out.shape[0], out.dtype)], rows, out=self._graph_scratch[j])
+        summed = torch.mm(self._ones_row(out), rows, out=self._graph_scratch[j])
         running.index_add_(0, self._graph_row, summed)
 
     @torch.no_grad()

@@ -143,16 +143,28 @@ class GradientStats(GraphGradients, StatsCallback):
         if self._active and out.ndim >= 2: without_grad(self._add_channel_sums, module, out)
 
     def _add_channel_sums(self, module, out):
+        j = self._relu_of(module, out)
+        if j is None: return
+        window = self._open_windows[j]
+        if window is None: window = self._open_windows[j] = _OpenWindow(out.shape[1])
+        window.add(out, self._ones_row(out))
+
+    def _relu_of(self, module, out):
+        "ReLU `module`'s index, or None when `out` has another width than its first (warned once)."
         j = self._relu_index[id(module)]
         width = self._relu_widths[j]
         if width is None: self._first_width(j, out.shape[1])
-        elif out.shape[1] != width: return self._warn_width(j, out.shape[1])
-        window = self._open_windows[j]
-        if window is None: window = self._open_windows[j] = _OpenWindow(out.shape[1])
+        elif out.shape[1] != width:
+            self._warn_width(j, out.shape[1])
+            return None
+        return j
+
+    def _ones_row(self, out):
+        "A (1, batch) row of ones in `out`'s dtype: the product with it sums a batch over its images. Made once."
         key = (out.shape[0], out.dtype)
         ones = self._ones_rows.get(key)
         if ones is None: ones = self._ones_rows[key] = torch.ones(1, out.shape[0], dtype=out.dtype, device=out.device)
-        window.add(out, ones)
+        return ones
 
     def _first_width(self, j, width):
         "ReLU j's first run in this fit: its windows closed before are recorded as 'did not run'."

@@ -96,7 +96,10 @@ def check_collapse(data, th):
                 f"{level:.0%} of the activations were <= {NEAR_ZERO} for {e - s + 1} recorded "
                 f"batches ({len(runs)} such stretch{'es' if len(runs) > 1 else ''}) before recovering; they end at "
                 f"{end_level:.0%}", "warm the learning rate up more gently (larger pct_start or div), or add batchnorm",
-                layer=name, batches=(its[s], its[e]), value=level))
+                layer=name, batches=(its[s], its[e]), value=level,
+                # It works again at the end, so it cannot be why the final model learned nothing (with shuffled
+                # labels a layer dies for a while as a consequence).
+                explains_not=('no_progress', 'loss_plateau', 'predictions_collapsed', 'metric_at_chance')))
     return out
 
 

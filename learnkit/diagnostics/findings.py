@@ -14,7 +14,8 @@ class Finding:
     will) or 'info'; `check` names the check; `layer` and `batches` (first, last training batch) say where;
     `value` is the measured number `message` is about; `advice` says what to try. `cause` is the `key` of the
     finding that explains this one (None for a root cause). `explains` and `explained_by` name checks this finding
-    explains, or is explained by, because of its own evidence (beyond the report's fixed table, `EXPLAINS`)."""
+    explains, or is explained by, because of its own evidence (beyond the report's fixed table, `EXPLAINS`);
+    `explains_not` names checks its evidence rules out explaining, whatever the table says."""
     severity: str
     check: str
     message: str
@@ -25,6 +26,7 @@ class Finding:
     cause: str | None = None
     explains: tuple = ()
     explained_by: tuple = ()
+    explains_not: tuple = ()
 
     @property
     def key(self):

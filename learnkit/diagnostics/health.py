@@ -317,13 +317,10 @@ def _explains(cause, effect, position):
     # A finding's own evidence may decide (weights shrunk by weight decay explain dead units; a layer no gradient
     # reaches is a vanishing gradient's consequence), and then the fixed table does not link them the other way.
     if effect.check in cause.explains or cause.check in effect.explained_by: return True
-    if cause.check in effect.explains or effect.check in cause.explained_by: return False
+    if cause.check in effect.explains or effect.check in cause.explained_by or effect.check in cause.explains_not:
+        return False
     if effect.check not in EXPLAINS.get(cause.check, ()): return False
     if (cause.check, effect.check) in SAME_LAYER and cause.layer != effect.layer: return False
-    # A layer that collapsed for a stretch and then recovered (check_collapse's warning) works again at the end: it
-    # cannot be why the final model learned nothing. (With shuffled labels a layer dies for a while as a consequence.)
-    if cause.check == 'activation_collapse' and cause.severity == 'warning' and effect.check in _OUTCOMES:
-        return False
     if cause.check == effect.check:
         # Non-finite values, collapses: the earliest place explains the later ones; in one batch, the place earlier
         # in the data's flow (the checks list layers in model order).
